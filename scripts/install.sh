@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install what stablenet needs on a Debian host (as root): system packages, then a virtualenv in
+# .venv with stablenet and its test tools. Safe to run again; it only adds what is missing.
+#
+#   bash scripts/install.sh            # runtime + test tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/engine.sh
+
+# docker.io: the engine (started privately only when none answers); busybox-static: test images;
+# bind9-dnsutils: dig; dnsmasq-base: a local upstream for DNS forwarding tests; curl: HTTP client.
+_apt_install ca-certificates docker.io busybox-static bind9-dnsutils dnsmasq-base curl iproute2
+
+PYTHON="${PYTHON:-python3}"
+if ! "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null; then
+    echo "install: stablenet needs Python >= 3.11 as $PYTHON" >&2
+    exit 1
+fi
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv 2>/dev/null || { _apt_install python3-venv && "$PYTHON" -m venv .venv; }
+fi
+stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
+if [ ! -f "$stamp" ]; then
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -e '.[test]'
+    touch "$stamp"
+fi

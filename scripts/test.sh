@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Install everything, make sure a Docker Engine answers (starting a private one if needed), then
+# run lint, type checks and the whole test suite. Extra arguments go to pytest.
+#
+#   bash scripts/test.sh
+#   bash scripts/test.sh -k registry -x
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+source scripts/engine.sh
+engine_up
+trap engine_down EXIT
+export DOCKER_HOST
+.venv/bin/ruff check stablenet tests benchmarks
+.venv/bin/ruff format --check stablenet tests benchmarks
+.venv/bin/mypy
+.venv/bin/python -m pytest "$@"

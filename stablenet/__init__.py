@@ -1,0 +1,3 @@
+"""stablenet: stable names and addresses for containers on a Docker host."""
+
+__version__ = "0.1.0"

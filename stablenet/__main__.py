@@ -1,0 +1,5 @@
+"""`python -m stablenet` runs the CLI."""
+
+from stablenet.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,159 @@
+"""Admin API (aiohttp): the registry as JSON, liveness and readiness. Read-only; bound to loopback
+by default, and guarded by a bearer token whenever one is configured. It never changes state."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any
+
+from aiohttp import web
+
+from stablenet.errors import StartupError
+from stablenet.model import Endpoint
+from stablenet.registry import Registry, Snapshot
+from stablenet.units import parse_hostport
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+def endpoint_json(ep: Endpoint, now: float) -> dict[str, Any]:
+    verdict = ep.verdict
+    return {
+        "id": ep.id,
+        "name": ep.name,
+        "service": ep.service,
+        "address": ep.address,
+        "port": ep.port,
+        "network": ep.network,
+        "addresses": list(ep.addresses),
+        "address6": ep.address6,
+        "state": ep.state.value,
+        "reason": ep.reason,
+        "weight": ep.weight,
+        "http_hosts": list(ep.http_hosts),
+        "started_at": ep.started_at,
+        "age_seconds": round(max(0.0, now - ep.started_at), 3) if ep.started_at else None,
+        "health": {
+            "check": None
+            if ep.check is None
+            else {
+                "type": "http" if ep.check.path else "tcp",
+                "path": ep.check.path,
+                "interval": ep.check.interval,
+                "timeout": ep.check.timeout,
+                "rise": ep.check.rise,
+                "fall": ep.check.fall,
+            },
+            "docker": ep.docker_health,
+            "last": None
+            if verdict is None
+            else {"passing": verdict.passing, "reason": verdict.reason, "at": verdict.at},
+        },
+        "labels": dict(ep.labels),
+    }
+
+
+def service_json(name: str, snap: Snapshot, now: float) -> dict[str, Any]:
+    endpoints = snap.services.get(name, ())
+    return {
+        "name": name,
+        "ready": len(snap.ready.get(name, ())),
+        "endpoints": [endpoint_json(ep, now) for ep in endpoints],
+    }
+
+
+def services_json(snap: Snapshot, now: float) -> dict[str, Any]:
+    return {
+        "version": snap.version,
+        "synced": snap.synced,
+        "services": [service_json(name, snap, now) for name in snap.services],
+        "problems": [{"id": cid, "message": msg} for cid, msg in sorted(snap.problems.items())],
+    }
+
+
+class AdminServer:
+    """The admin HTTP server as an async context manager. Other parts may add routes before
+    it starts (``add_get``)."""
+
+    def __init__(self, registry: Registry, listen: str, token: str = "") -> None:
+        self._registry = registry
+        self._host, self._port = parse_hostport(listen)
+        self._listen = listen
+        self._token = token
+        self._app = web.Application(middlewares=[self._auth])
+        self._app.router.add_get("/healthz", self._healthz)
+        self._app.router.add_get("/readyz", self._readyz)
+        self._app.router.add_get("/v1/services", self._services)
+        self._app.router.add_get("/v1/services/{name}", self._service)
+        self._runner: web.AppRunner | None = None
+        self.port = self._port
+
+    def add_get(self, path: str, handler: Handler) -> None:
+        self._app.router.add_get(path, handler)
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if self._token and request.path not in OPEN_PATHS:
+            given = request.headers.get("Authorization", "")
+            expected = f"Bearer {self._token}"
+            if not hmac.compare_digest(given.encode(), expected.encode()):
+                return web.json_response(
+                    {"error": "missing or wrong bearer token"},
+                    status=401,
+                    headers={"WWW-Authenticate": 'Bearer realm="stablenet"'},
+                )
+        return await handler(request)
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        snap = self._registry.snapshot
+        body: dict[str, Any] = {"ready": snap.synced, "version": snap.version}
+        if not snap.synced:
+            body["reason"] = "not synced with the Docker Engine"
+        return web.json_response(body, status=200 if snap.synced else 503)
+
+    async def _services(self, request: web.Request) -> web.Response:
+        return web.json_response(services_json(self._registry.snapshot, time.time()))
+
+    async def _service(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"].lower()
+        snap = self._registry.snapshot
+        if name not in snap.services:
+            return web.json_response({"error": f"no service named {name!r}"}, status=404)
+        return web.json_response(service_json(name, snap, time.time()))
+
+    async def __aenter__(self) -> AdminServer:
+        runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self._host, self._port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise StartupError(
+                f"admin.listen: cannot listen on {self._listen}: {exc.strerror or exc}"
+            ) from None
+        self._runner = runner
+        if runner.addresses:
+            self.port = int(runner.addresses[0][1])
+        logger.info("admin API listening on %s:%d", self._host, self.port)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

@@ -1,0 +1,295 @@
+"""Configuration: parse and validate the TOML file and STABLENET_<SECTION>_<KEY> overrides into
+frozen dataclasses, once. Errors are ConfigError with one line naming the key, the value and what
+is accepted. Nothing here prints or exits; the CLI does that."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stablenet.units import (
+    is_loopback,
+    parse_duration,
+    parse_hostport,
+    parse_network,
+)
+
+ENV_PREFIX = "STABLENET_"
+DEFAULT_PATHS = (Path("config/stablenet.toml"), Path("/etc/stablenet/stablenet.toml"))
+
+
+class ConfigError(Exception):
+    """A configuration value is missing, unknown or invalid. str() is one readable line."""
+
+
+Parser = Callable[[Any], Any]
+
+
+def _opt(default: Any, parse: Parser) -> Any:
+    return field(default=default, metadata={"parse": parse})
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _int_at_least(minimum: int) -> Parser:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a whole number >= {minimum}")
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a whole number >= {minimum}") from None
+        if number < minimum:
+            raise ValueError(f"expected a whole number >= {minimum}")
+        return number
+
+    return parse
+
+
+def _positive_duration(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("expected a duration above zero such as 500ms, 2s, 1m")
+    return seconds
+
+
+def _choice(*choices: str) -> Parser:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise ValueError("expected one of " + ", ".join(choices))
+        return str(value)
+
+    return parse
+
+
+def _list_of(item: Parser) -> Parser:
+    """A TOML array, or a comma-separated string (the form environment variables use)."""
+
+    def parse(value: Any) -> tuple[Any, ...]:
+        if isinstance(value, str):
+            parts = [part.strip() for part in value.split(",") if part.strip()]
+        elif isinstance(value, list | tuple):
+            parts = list(value)
+        else:
+            raise ValueError("expected a list (or a comma-separated string)")
+        out = []
+        for part in parts:
+            try:
+                out.append(item(part))
+            except ValueError as exc:
+                raise ValueError(f"item {part!r}: {exc}") from None
+        return tuple(out)
+
+    return parse
+
+
+def _hostport_text(value: Any) -> str:
+    parse_hostport(value)
+    return str(value)
+
+
+def _allow_entry(value: Any) -> str:
+    if value == "docker":
+        return "docker"
+    parse_network(_str(value))
+    return str(value)
+
+
+def _zone(value: Any) -> str:
+    zone = _str(value).strip().strip(".").lower()
+    labels = zone.split(".")
+    if not zone or any(not label or len(label) > 63 for label in labels):
+        raise ValueError("expected a DNS name such as stablenet.internal")
+    return zone
+
+
+def _upstream(value: Any) -> str:
+    text = _str(value)
+    try:
+        parse_network(text)  # a bare address
+        return text
+    except ValueError:
+        parse_hostport(text)
+        return text
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    enabled: bool = _opt(True, _bool)
+    listen: tuple[str, ...] = _opt(("127.0.0.1:53",), _list_of(_hostport_text))
+    zone: str = _opt("stablenet.internal", _zone)
+    upstreams: tuple[str, ...] = _opt((), _list_of(_upstream))
+    allow: tuple[str, ...] = _opt(("127.0.0.0/8", "::1/128", "docker"), _list_of(_allow_entry))
+    ttl: float = _opt(5.0, parse_duration)
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    enabled: bool = _opt(True, _bool)
+    listen: str = _opt("169.254.100.1:80", _hostport_text)
+    hold_timeout: float = _opt(10.0, parse_duration)
+    balance: str = _opt("p2c", _choice("p2c", "round_robin", "least_requests"))
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    listen: str = _opt("127.0.0.1:9180", _hostport_text)
+    token: str = _opt("", _str)
+
+
+@dataclass(frozen=True, slots=True)
+class DockerConfig:
+    network: str = _opt("", _str)
+    resync_interval: float = _opt(30.0, _positive_duration)
+    exposed_by_default: bool = _opt(True, _bool)
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    interval: float = _opt(2.0, _positive_duration)
+    timeout: float = _opt(1.0, _positive_duration)
+    rise: int = _opt(1, _int_at_least(1))
+    fall: int = _opt(3, _int_at_least(1))
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = _opt("info", _choice("debug", "info", "warning", "error"))
+    format: str = _opt("text", _choice("text", "json"))
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    docker: DockerConfig = field(default_factory=DockerConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+SECTIONS: dict[str, type[Any]] = {
+    "dns": DnsConfig,
+    "proxy": ProxyConfig,
+    "admin": AdminConfig,
+    "docker": DockerConfig,
+    "health": HealthConfig,
+    "log": LogConfig,
+}
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+def _section(name: str, raw: Mapping[str, Any], env: Mapping[str, str]) -> Any:
+    cls = SECTIONS[name]
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(
+                f"{name}.{key}: unknown key; known keys in [{name}]: {', '.join(known)}"
+            )
+    values: dict[str, Any] = {}
+    for key, fld in known.items():
+        env_name = f"{ENV_PREFIX}{name.upper()}_{key.upper()}"
+        where = f"{name}.{key}"
+        if env_name in env:
+            value: Any = env[env_name]
+            where = f"{env_name} ({name}.{key})"
+        elif key in raw:
+            value = raw[key]
+        else:
+            continue
+        try:
+            values[key] = fld.metadata["parse"](value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {_show(value)} is not valid: {exc}") from None
+    return cls(**values)
+
+
+def _check(config: Config) -> None:
+    host, _ = parse_hostport(config.admin.listen)
+    if not is_loopback(host) and not config.admin.token:
+        raise ConfigError(
+            f"admin.listen: {config.admin.listen!r} is not a loopback address and admin.token is "
+            "empty; set admin.token (or STABLENET_ADMIN_TOKEN) to a secret, or listen on "
+            "127.0.0.1"
+        )
+    if config.health.timeout > config.health.interval:
+        raise ConfigError(
+            f"health.timeout: {config.health.timeout:g}s is longer than health.interval "
+            f"({config.health.interval:g}s); use a timeout no longer than the interval"
+        )
+
+
+def parse(text: str, env: Mapping[str, str] | None = None, source: str = "<config>") -> Config:
+    """Parse TOML text plus environment overrides into a validated Config."""
+    if env is None:
+        env = os.environ
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    for name, body in raw.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"[{name}]: unknown section; known sections: {', '.join(SECTIONS)}")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{name}: expected a [{name}] table, got {_show(body)}")
+    for var in env:
+        if var.startswith(ENV_PREFIX) and var != "STABLENET_CONFIG":
+            section, _, key = var[len(ENV_PREFIX) :].lower().partition("_")
+            if section not in SECTIONS or key not in {
+                f.name for f in dataclasses.fields(SECTIONS[section])
+            }:
+                raise ConfigError(
+                    f"{var}: unknown setting; use STABLENET_<SECTION>_<KEY> for a key that "
+                    "exists in config/stablenet.toml"
+                )
+    config = Config(**{name: _section(name, raw.get(name, {}), env) for name in SECTIONS})
+    _check(config)
+    return config
+
+
+def load(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read a config file (the given path, $STABLENET_CONFIG, or the first default that exists;
+    none at all means built-in defaults) and parse it."""
+    if env is None:
+        env = os.environ
+    if path is None and env.get("STABLENET_CONFIG"):
+        path = env["STABLENET_CONFIG"]
+    if path is None:
+        path = next((p for p in DEFAULT_PATHS if p.is_file()), None)
+        if path is None:
+            return parse("", env)
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file; pass --config PATH to an existing file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    return parse(text, env, source=str(path))

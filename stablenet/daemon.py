@@ -1,0 +1,97 @@
+"""The daemon: wires config, registry, sources, servers and loops together and runs them with
+ordered, bounded shutdown. Signals only set an event. No business logic lives here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from stablenet import __version__
+from stablenet.admin import AdminServer
+from stablenet.config import Config
+from stablenet.docker.source import DockerSource
+from stablenet.docker.translate import Settings
+from stablenet.registry import Registry
+
+logger = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE = 10.0  # seconds for listeners to drain before the rest is cancelled
+
+
+class Daemon:
+    """Everything one `stablenet run` owns. ``started`` is set once every listener is up."""
+
+    def __init__(self, config: Config, registry: Registry | None = None) -> None:
+        self.config = config
+        self.registry = registry or Registry()
+        self.source = DockerSource(
+            self.registry,
+            Settings.from_config(config.docker, config.health),
+            resync_interval=config.docker.resync_interval,
+        )
+        self.admin = AdminServer(self.registry, config.admin.listen, config.admin.token)
+        self.started = asyncio.Event()
+        self.stopping = asyncio.Event()
+
+    def loops(self) -> dict[str, Callable[[], Coroutine[Any, Any, None]]]:
+        """Long-lived loops, by name; each runs in the daemon's TaskGroup."""
+        return {"docker-source": self.source.run}
+
+    async def run(self) -> None:
+        """Start listeners (admin first, so it closes last), run the loops until ``stopping`` is
+        set, then close listeners and cancel the loops."""
+        logger.info("stablenet %s starting", __version__)
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(self.admin)
+            async with asyncio.TaskGroup() as tasks:
+                running = [
+                    tasks.create_task(loop(), name=name) for name, loop in self.loops().items()
+                ]
+                self.started.set()
+                await self.stopping.wait()
+                logger.info("stopping: closing listeners, then background loops")
+                for task in running:
+                    task.cancel()
+        logger.info("stopped")
+
+
+def install_signal_handlers(daemon: Daemon, main: asyncio.Task[Any]) -> None:
+    """SIGTERM/SIGINT ask for an orderly stop; a second SIGINT cancels everything at once."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if daemon.stopping.is_set():
+            if signum == signal.SIGINT:
+                logger.warning("second interrupt: forcing exit")
+                main.cancel()
+            return
+        logger.info("received %s", signal.Signals(signum).name)
+        daemon.stopping.set()
+        loop.call_later(SHUTDOWN_GRACE * 2, main.cancel)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+
+async def serve(config: Config) -> None:
+    """Run a daemon for this config until a signal stops it."""
+    daemon = Daemon(config)
+    main = asyncio.current_task()
+    assert main is not None
+    install_signal_handlers(daemon, main)
+    await daemon.run()
+
+
+def run(config: Config) -> None:
+    """Run ``serve`` on uvloop when available, else on the default loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        asyncio.run(serve(config))
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve(config))

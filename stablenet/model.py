@@ -1,0 +1,155 @@
+"""The shared vocabulary: endpoints, their state, and the changes sources send to the registry.
+Frozen, slotted dataclasses only; nothing here does I/O or knows Docker."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+class State(enum.Enum):
+    """Where an endpoint stands for routing. Only READY endpoints get traffic."""
+
+    STARTING = "starting"  # running, waiting for its first passing health check
+    READY = "ready"
+    UNHEALTHY = "unhealthy"  # failed its checks (or Docker says unhealthy)
+    DRAINING = "draining"  # being stopped: no new traffic, in-flight requests finish
+
+
+@dataclass(frozen=True, slots=True)
+class HealthSpec:
+    """An active check stablenet runs against an endpoint. path None means a TCP connect."""
+
+    path: str | None
+    interval: float
+    timeout: float
+    rise: int
+    fall: int
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The latest result of stablenet's own check for one endpoint."""
+
+    passing: bool
+    reason: str
+    at: float  # unix time of the check
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One running container as a member of one service.
+
+    The source sets the facts (addresses, labels, draining, Docker's health status); the health
+    checker sets ``verdict``. ``state`` is derived from both, so nobody can set it inconsistently.
+    """
+
+    id: str  # full container id
+    name: str  # container name, without Docker's leading slash
+    service: str
+    address: str  # IPv4 (or IPv6 when the network has no IPv4) on the chosen network
+    port: int | None
+    network: str
+    addresses: tuple[str, ...] = ()  # every address the container holds, all networks
+    address6: str | None = None  # IPv6 on the chosen network, when it has one
+    labels: Mapping[str, str] = field(default_factory=dict)
+    started_at: float = 0.0  # unix time
+    weight: int = 1
+    http_hosts: tuple[str, ...] = ()
+    check: HealthSpec | None = None
+    docker_health: str | None = None  # Docker HEALTHCHECK status: starting, healthy, unhealthy
+    draining: bool = False
+    verdict: Verdict | None = None
+
+    @property
+    def state(self) -> State:
+        if self.draining:
+            return State.DRAINING
+        if self.docker_health == "unhealthy":
+            return State.UNHEALTHY
+        if self.verdict is not None and not self.verdict.passing:
+            return State.UNHEALTHY
+        if self.docker_health == "starting":
+            return State.STARTING
+        if self.check is not None and self.verdict is None:
+            return State.STARTING
+        return State.READY
+
+    @property
+    def reason(self) -> str:
+        """Why the endpoint is in its state, in a few words."""
+        if self.draining:
+            return "container is stopping"
+        if self.docker_health == "unhealthy":
+            return "Docker HEALTHCHECK says unhealthy"
+        if self.verdict is not None and not self.verdict.passing:
+            return self.verdict.reason
+        if self.docker_health == "starting":
+            return "Docker HEALTHCHECK is starting"
+        if self.check is not None and self.verdict is None:
+            return "waiting for the first health check"
+        if self.verdict is not None:
+            return self.verdict.reason
+        if self.docker_health == "healthy":
+            return "Docker HEALTHCHECK says healthy"
+        return "running"
+
+
+@dataclass(frozen=True, slots=True)
+class Upsert:
+    """Add an endpoint or replace the facts of the one with the same container id."""
+
+    endpoint: Endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class Remove:
+    """The container no longer holds its addresses (died, paused, destroyed, left the network)."""
+
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """The container is being stopped: no new traffic."""
+
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Resync:
+    """The full truth from a complete listing. Endpoints not listed are removed, except ids in
+    ``keep``, whose current entry is fresher than the listing (an event touched them while the
+    listing ran). ``problems`` maps container ids to why they were skipped."""
+
+    endpoints: tuple[Endpoint, ...]
+    keep: frozenset[str] = frozenset()
+    problems: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """A container that cannot be registered (bad label) and why; None clears it."""
+
+    id: str
+    message: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SetVerdict:
+    """A health check result for an endpoint, ignored if the endpoint is gone or moved address."""
+
+    id: str
+    address: str
+    verdict: Verdict
+
+
+@dataclass(frozen=True, slots=True)
+class SetSynced:
+    """Whether the registry reflects a live connection to its source."""
+
+    synced: bool
+
+
+Change = Upsert | Remove | Drain | Resync | Problem | SetVerdict | SetSynced

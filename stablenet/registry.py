@@ -1,0 +1,205 @@
+"""The registry: services -> endpoints, as versioned immutable snapshots.
+
+Writers call ``apply(changes)``; readers take ``registry.snapshot`` (a plain attribute read,
+no await, no lock) or iterate ``watch(since)``, which is level-triggered: a slow consumer skips
+versions instead of queueing them, and a write that changes nothing wakes nobody. Nothing here
+knows Docker or sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from stablenet.model import (
+    Change,
+    Drain,
+    Endpoint,
+    Problem,
+    Remove,
+    Resync,
+    SetSynced,
+    SetVerdict,
+    State,
+    Upsert,
+)
+
+logger = logging.getLogger(__name__)
+
+_EMPTY: Mapping[str, Endpoint] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One consistent view of every endpoint. Build with ``Snapshot.build``."""
+
+    version: int
+    endpoints: Mapping[str, Endpoint]  # container id -> endpoint
+    services: Mapping[str, tuple[Endpoint, ...]]  # service -> endpoints, sorted by name
+    ready: Mapping[str, tuple[Endpoint, ...]]  # service -> READY endpoints only
+    by_name: Mapping[str, Endpoint]  # container name -> endpoint
+    by_address: Mapping[str, Endpoint]  # any address a registered container holds -> endpoint
+    synced: bool = False
+    problems: Mapping[str, str] = field(default_factory=dict)  # container id -> why skipped
+    created: float = 0.0  # unix time this version was made
+
+    @classmethod
+    def build(
+        cls,
+        version: int,
+        endpoints: Mapping[str, Endpoint],
+        synced: bool,
+        problems: Mapping[str, str],
+    ) -> Snapshot:
+        services: dict[str, list[Endpoint]] = {}
+        by_address: dict[str, Endpoint] = {}
+        for ep in endpoints.values():
+            services.setdefault(ep.service, []).append(ep)
+            for addr in ep.addresses or (ep.address,):
+                by_address[addr] = ep
+        ordered = {
+            name: tuple(sorted(eps, key=lambda e: (e.name, e.id)))
+            for name, eps in sorted(services.items())
+        }
+        ready = {
+            name: tuple(e for e in eps if e.state is State.READY) for name, eps in ordered.items()
+        }
+        return cls(
+            version=version,
+            endpoints=MappingProxyType(dict(endpoints)),
+            services=MappingProxyType(ordered),
+            ready=MappingProxyType(ready),
+            by_name=MappingProxyType({ep.name: ep for ep in endpoints.values()}),
+            by_address=MappingProxyType(by_address),
+            synced=synced,
+            problems=MappingProxyType(dict(problems)),
+            created=time.time(),
+        )
+
+
+class Registry:
+    """Holds the current Snapshot and swaps it atomically on every effective change."""
+
+    def __init__(self) -> None:
+        self._snapshot = Snapshot.build(0, _EMPTY, False, {})
+        self._changed = asyncio.Event()
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    def apply(self, changes: Iterable[Change]) -> Snapshot:
+        """Apply changes in order; publish a new version only if something differs."""
+        old = self._snapshot
+        endpoints = dict(old.endpoints)
+        problems = dict(old.problems)
+        synced = old.synced
+        for change in changes:
+            match change:
+                case Upsert(endpoint=ep):
+                    endpoints[ep.id] = _carry_over(endpoints.get(ep.id), ep)
+                    problems.pop(ep.id, None)
+                case Remove(id=cid):
+                    endpoints.pop(cid, None)
+                    problems.pop(cid, None)
+                case Drain(id=cid):
+                    if cid in endpoints and not endpoints[cid].draining:
+                        endpoints[cid] = dataclasses.replace(endpoints[cid], draining=True)
+                case Resync(endpoints=listed, keep=keep, problems=found):
+                    fresh = {cid: ep for cid, ep in endpoints.items() if cid in keep}
+                    for ep in listed:
+                        if ep.id not in keep:
+                            fresh[ep.id] = _carry_over(endpoints.get(ep.id), ep)
+                    endpoints = fresh
+                    problems = {cid: m for cid, m in problems.items() if cid in keep}
+                    problems.update((cid, m) for cid, m in found.items() if cid not in keep)
+                case Problem(id=cid, message=message):
+                    endpoints.pop(cid, None)
+                    if message is None:
+                        problems.pop(cid, None)
+                    else:
+                        problems[cid] = message
+                case SetVerdict(id=cid, address=address, verdict=verdict):
+                    current = endpoints.get(cid)
+                    if (
+                        current is not None
+                        and current.address == address
+                        and current.verdict != verdict
+                    ):
+                        endpoints[cid] = dataclasses.replace(current, verdict=verdict)
+                case SetSynced(synced=value):
+                    synced = value
+        if endpoints == old.endpoints and problems == old.problems and synced == old.synced:
+            return old
+        _log_transitions(old.endpoints, endpoints)
+        self._snapshot = Snapshot.build(old.version + 1, endpoints, synced, problems)
+        woken, self._changed = self._changed, asyncio.Event()
+        woken.set()
+        return self._snapshot
+
+    async def watch(self, since: int = 0) -> AsyncIterator[Snapshot]:
+        """Yield the newest snapshot whenever its version is above the last one seen."""
+        while True:
+            event = self._changed
+            snap = self._snapshot
+            if snap.version > since:
+                since = snap.version
+                yield snap
+                continue
+            await event.wait()
+
+    async def until(self, predicate: Callable[[Snapshot], bool]) -> Snapshot:
+        """The first snapshot (the current one included) for which ``predicate`` is true.
+        Bound the wait with ``asyncio.timeout``."""
+        async for snap in self.watch(-1):
+            if predicate(snap):
+                return snap
+        raise AssertionError("watch() never ends")
+
+
+def _carry_over(old: Endpoint | None, new: Endpoint) -> Endpoint:
+    """Keep what other writers set (health verdict, draining) across a fresh inspect of the
+    same container at the same address."""
+    if old is None or old.address != new.address or old.port != new.port:
+        return new
+    return dataclasses.replace(
+        new, verdict=new.verdict or old.verdict, draining=new.draining or old.draining
+    )
+
+
+def _log_transitions(old: Mapping[str, Endpoint], new: Mapping[str, Endpoint]) -> None:
+    for cid, ep in new.items():
+        before = old.get(cid)
+        if before is None:
+            logger.info(
+                "endpoint %s added to service %s at %s:%s (%s)",
+                ep.name,
+                ep.service,
+                ep.address,
+                ep.port,
+                ep.state.value,
+            )
+        elif before.address != ep.address or before.port != ep.port:
+            logger.info(
+                "endpoint %s moved from %s:%s to %s:%s",
+                ep.name,
+                before.address,
+                before.port,
+                ep.address,
+                ep.port,
+            )
+        elif before.state is not ep.state:
+            logger.info(
+                "endpoint %s: %s -> %s (%s)",
+                ep.name,
+                before.state.value,
+                ep.state.value,
+                ep.reason,
+            )
+    for cid, ep in old.items():
+        if cid not in new:
+            logger.info("endpoint %s removed from service %s (%s)", ep.name, ep.service, ep.address)
