@@ -37,23 +37,30 @@ class Daemon:
         self.started = asyncio.Event()
         self.stopping = asyncio.Event()
 
+    def listeners(self) -> list[contextlib.AbstractAsyncContextManager[Any]]:
+        """Servers in start order; they close in reverse (admin first, so it closes last)."""
+        return [self.admin]
+
     def loops(self) -> dict[str, Callable[[], Coroutine[Any, Any, None]]]:
         """Long-lived loops, by name; each runs in the daemon's TaskGroup."""
         return {"docker-source": self.source.run}
 
     async def run(self) -> None:
-        """Start listeners (admin first, so it closes last), run the loops until ``stopping`` is
-        set, then close listeners and cancel the loops."""
+        """Start listeners, run the loops until ``stopping`` is set, then stop in order:
+        listeners stop accepting and drain (in reverse start order), then loops are cancelled."""
         logger.info("stablenet %s starting", __version__)
-        async with contextlib.AsyncExitStack() as stack:
-            await stack.enter_async_context(self.admin)
+        async with contextlib.AsyncExitStack() as listeners:
+            for listener in self.listeners():
+                await listeners.enter_async_context(listener)
             async with asyncio.TaskGroup() as tasks:
                 running = [
                     tasks.create_task(loop(), name=name) for name, loop in self.loops().items()
                 ]
                 self.started.set()
                 await self.stopping.wait()
-                logger.info("stopping: closing listeners, then background loops")
+                logger.info("stopping: closing listeners")
+                await listeners.aclose()
+                logger.info("stopping: cancelling background loops")
                 for task in running:
                     task.cancel()
         logger.info("stopped")
