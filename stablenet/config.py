@@ -169,6 +169,10 @@ class HealthConfig:
     timeout: float = _opt(1.0, _positive_duration)
     rise: int = _opt(1, _int_at_least(1))
     fall: int = _opt(3, _int_at_least(1))
+    eject_after: int = _opt(5, _int_at_least(0))
+    eject_time: float = _opt(5.0, _positive_duration)
+    eject_max: float = _opt(300.0, _positive_duration)
+    panic: bool = _opt(False, _bool)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ from stablenet.admin import AdminServer
 from stablenet.config import Config
 from stablenet.docker.source import DockerSource
 from stablenet.docker.translate import Settings
+from stablenet.health.checker import HealthChecker
 from stablenet.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class Daemon:
             Settings.from_config(config.docker, config.health),
             resync_interval=config.docker.resync_interval,
         )
+        self.health = HealthChecker(self.registry, config.health)
         self.admin = AdminServer(self.registry, config.admin.listen, config.admin.token)
         self.started = asyncio.Event()
         self.stopping = asyncio.Event()
@@ -43,7 +45,7 @@ class Daemon:
 
     def loops(self) -> dict[str, Callable[[], Coroutine[Any, Any, None]]]:
         """Long-lived loops, by name; each runs in the daemon's TaskGroup."""
-        return {"docker-source": self.source.run}
+        return {"docker-source": self.source.run, "health": self.health.run}
 
     async def run(self) -> None:
         """Start listeners, run the loops until ``stopping`` is set, then stop in order:

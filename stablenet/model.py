@@ -26,6 +26,9 @@ class HealthSpec:
     timeout: float
     rise: int
     fall: int
+    status_min: int = 200  # HTTP status range that passes
+    status_max: int = 399
+    host: str | None = None  # HTTP Host header; None: the endpoint's address
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +64,7 @@ class Endpoint:
     docker_health: str | None = None  # Docker HEALTHCHECK status: starting, healthy, unhealthy
     draining: bool = False
     verdict: Verdict | None = None
+    panic: bool = False  # route to every running endpoint when none of the service is ready
 
     @property
     def state(self) -> State:

@@ -40,7 +40,8 @@ class Snapshot:
     version: int
     endpoints: Mapping[str, Endpoint]  # container id -> endpoint
     services: Mapping[str, tuple[Endpoint, ...]]  # service -> endpoints, sorted by name
-    ready: Mapping[str, tuple[Endpoint, ...]]  # service -> READY endpoints only
+    ready: Mapping[str, tuple[Endpoint, ...]]  # service -> endpoints to route to (READY; see
+    # _routable for panic mode)
     by_name: Mapping[str, Endpoint]  # container name -> endpoint
     by_address: Mapping[str, Endpoint]  # any address a registered container holds -> endpoint
     synced: bool = False
@@ -65,9 +66,7 @@ class Snapshot:
             name: tuple(sorted(eps, key=lambda e: (e.name, e.id)))
             for name, eps in sorted(services.items())
         }
-        ready = {
-            name: tuple(e for e in eps if e.state is State.READY) for name, eps in ordered.items()
-        }
+        ready = {name: _routable(eps) for name, eps in ordered.items()}
         return cls(
             version=version,
             endpoints=MappingProxyType(dict(endpoints)),
@@ -159,6 +158,14 @@ class Registry:
             if predicate(snap):
                 return snap
         raise AssertionError("watch() never ends")
+
+
+def _routable(endpoints: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
+    """READY endpoints; in panic mode, when none is ready, every endpoint not draining."""
+    ready = tuple(e for e in endpoints if e.state is State.READY)
+    if ready or not any(e.panic for e in endpoints):
+        return ready
+    return tuple(e for e in endpoints if e.state is not State.DRAINING)
 
 
 def _carry_over(old: Endpoint | None, new: Endpoint) -> Endpoint:

@@ -49,9 +49,13 @@ async def test_labelled_container_appears_with_ip_and_port(
 async def test_restart_with_ip_change_holds_only_new_ip(
     registry: Registry, containers: Containers
 ) -> None:
-    first = await off_loop(containers.run, "a", labels={"stablenet.service": "moving"})
+    # A network of the test's own, so no other container can take the freed address first.
+    net = await off_loop(containers.network, "mv")
+    first = await off_loop(
+        containers.run, "a", labels={"stablenet.service": "moving"}, network=net.name
+    )
     name = containers.name("a")
-    old_ip = ip_of(first)
+    old_ip = ip_of(first, net.name)
     async with asyncio.timeout(WAIT):
         await registry.until(lambda s: name in s.by_name)
 
@@ -68,13 +72,15 @@ async def test_restart_with_ip_change_holds_only_new_ip(
     async with asyncio.timeout(WAIT):
         await registry.until(lambda s: name not in s.by_name)
     # Another container takes the freed address while the first is down.
-    thief = await off_loop(containers.run, "thief", labels={"stablenet.service": "other"})
-    assert ip_of(thief) == old_ip
+    thief = await off_loop(
+        containers.run, "thief", labels={"stablenet.service": "other"}, network=net.name
+    )
+    assert ip_of(thief, net.name) == old_ip
     await off_loop(first.start)
     async with asyncio.timeout(WAIT):
         snap = await registry.until(lambda s: name in s.by_name)
     watcher.cancel()
-    new_ip = ip_of(first)
+    new_ip = ip_of(first, net.name)
     assert new_ip != old_ip
     assert snap.by_name[name].address == new_ip
     assert [e.address for e in snap.services["moving"]] == [new_ip]

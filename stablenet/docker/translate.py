@@ -30,6 +30,9 @@ KNOWN_LABELS = frozenset(
         "health.timeout",
         "health.rise",
         "health.fall",
+        "health.status",
+        "health.host",
+        "health.panic",
     )
 )
 _SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
@@ -133,6 +136,12 @@ def endpoint_from_inspect(inspect: Mapping[str, Any], settings: Settings) -> End
             f"container {name}: a health check is configured but no port is known; "
             f"set label {LABEL}port"
         )
+    panic = settings.health.panic
+    if LABEL + "health.panic" in labels:
+        flag = labels[LABEL + "health.panic"].strip().lower()
+        if flag not in ("true", "false"):
+            raise bad(LABEL + "health.panic", "expected true or false")
+        panic = flag == "true"
     health = (state.get("Health") or {}).get("Status")
     return Endpoint(
         id=str(inspect["Id"]),
@@ -149,6 +158,7 @@ def endpoint_from_inspect(inspect: Mapping[str, Any], settings: Settings) -> End
         http_hosts=hosts,
         check=check,
         docker_health=str(health) if health in ("starting", "healthy", "unhealthy") else None,
+        panic=panic,
     )
 
 
@@ -204,12 +214,16 @@ def _lowest_exposed_port(exposed: Mapping[str, Any]) -> int | None:
 
 
 def _health_spec(labels: Mapping[str, str], defaults: HealthConfig, bad: Any) -> HealthSpec | None:
-    keys = [k for k in labels if k.startswith(LABEL + "health.")]
+    keys = [k for k in labels if k.startswith(LABEL + "health.") and k != LABEL + "health.panic"]
     if not keys:
         return None
     for key in keys:
         if key not in KNOWN_LABELS:
-            raise bad(key, "unknown health label; use path, interval, timeout, rise or fall")
+            raise bad(
+                key,
+                "unknown health label; use path, interval, timeout, rise, fall, status, "
+                "host or panic",
+            )
     path = labels.get(LABEL + "health.path")
     if path is not None and not path.startswith("/"):
         raise bad(LABEL + "health.path", "expected a path starting with /")
@@ -236,6 +250,18 @@ def _health_spec(labels: Mapping[str, str], defaults: HealthConfig, bad: Any) ->
             values[key] = default_count
     if values["timeout"] > values["interval"]:
         values["timeout"] = values["interval"]
+    status = labels.get(LABEL + "health.status")
+    if status is not None:
+        low, _, high = status.strip().partition("-")
+        high = high or low
+        if not (low.isdigit() and high.isdigit() and 100 <= int(low) <= int(high) <= 599):
+            raise bad(LABEL + "health.status", "expected a status or range such as 200 or 200-399")
+        values["status_min"], values["status_max"] = int(low), int(high)
+    host = labels.get(LABEL + "health.host")
+    if host is not None:
+        if not _HOST_NAME.match(host.strip().lower()):
+            raise bad(LABEL + "health.host", "expected a host name")
+        values["host"] = host.strip()
     return HealthSpec(path=path, **values)
 
 

@@ -1,0 +1,193 @@
+"""The health checker: runs active checks for endpoints that have one, takes passive outcomes
+reported by the proxy, and writes verdicts into the registry when routing should change.
+
+One small task per checked endpoint (a timer and a probe), owned by the checker's TaskGroup and
+cancelled when the endpoint goes away or moves address. Verdicts are written only when the
+health state changes, so steady checks never bump the registry version."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from stablenet.config import HealthConfig
+from stablenet.health.probe import ProbeResult, probe
+from stablenet.health.state import EndpointHealth, Health, Thresholds
+from stablenet.model import Endpoint, HealthSpec, SetVerdict, Verdict
+from stablenet.registry import Registry, Snapshot
+
+logger = logging.getLogger(__name__)
+
+Probe = Callable[[str, int, HealthSpec | None, float], Awaitable[ProbeResult]]
+START_GRACE_INTERVALS = 10  # a new endpoint fails for this many intervals before it is down
+JITTER = 0.1  # checks fire at interval * (1 +/- JITTER) so they do not run in lockstep
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What a check task is bound to; a change of any field restarts the task."""
+
+    id: str
+    address: str
+    port: int
+    spec: HealthSpec | None
+
+
+class HealthChecker:
+    """Owns per-endpoint health state; the only writer of verdicts into the registry."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        config: HealthConfig,
+        probe_fn: Probe = probe,
+    ) -> None:
+        self._registry = registry
+        self._config = config
+        self._limits = Thresholds(
+            rise=config.rise,
+            fall=config.fall,
+            eject_after=config.eject_after,
+            eject_time=config.eject_time,
+            eject_max=config.eject_max,
+        )
+        self._probe = probe_fn
+        self._states: dict[str, tuple[Target, EndpointHealth]] = {}
+        self._tasks: dict[str, tuple[Target, asyncio.Task[None]]] = {}
+        self._group: asyncio.TaskGroup | None = None
+        self.checks = 0
+        self.transitions = 0
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            self._group = group
+            try:
+                async for snap in self._registry.watch(-1):
+                    self._sync(snap)
+            finally:
+                self._group = None
+                for _, task in self._tasks.values():
+                    task.cancel()
+                self._tasks.clear()
+
+    def status(self, endpoint_id: str) -> EndpointHealth | None:
+        entry = self._states.get(endpoint_id)
+        return entry[1] if entry else None
+
+    def _target(self, ep: Endpoint) -> Target | None:
+        if ep.port is None:
+            return None
+        return Target(ep.id, ep.address, ep.port, ep.check)
+
+    def _sync(self, snap: Snapshot) -> None:
+        """Start, restart or stop check tasks so they match the snapshot."""
+        for cid in list(self._states):
+            ep = snap.endpoints.get(cid)
+            target = self._target(ep) if ep else None
+            if target != self._states[cid][0]:
+                del self._states[cid]
+        for cid, (target, task) in list(self._tasks.items()):
+            ep = snap.endpoints.get(cid)
+            if ep is None or self._target(ep) != target:
+                task.cancel()
+                del self._tasks[cid]
+        for ep in snap.endpoints.values():
+            target = self._target(ep)
+            if target is None or target.spec is None or ep.id in self._tasks:
+                continue
+            self._start(target)
+
+    def _start(self, target: Target) -> None:
+        if self._group is None:
+            return
+        task = self._group.create_task(self._loop(target), name=f"health-{target.id[:12]}")
+        self._tasks[target.id] = (target, task)
+
+    def _state(self, target: Target) -> EndpointHealth:
+        entry = self._states.get(target.id)
+        if entry is None or entry[0] != target:
+            limits = self._limits
+            if target.spec is not None:
+                limits = dataclasses.replace(
+                    limits,
+                    rise=target.spec.rise,
+                    fall=target.spec.fall,
+                    start_grace=START_GRACE_INTERVALS * target.spec.interval,
+                )
+            entry = (target, EndpointHealth(limits))
+            self._states[target.id] = entry
+        return entry[1]
+
+    async def _loop(self, target: Target) -> None:
+        """Check one endpoint until cancelled (active checks) or until it is back (probes
+        after a passive ejection of an endpoint that has no active check)."""
+        state = self._state(target)
+        spec = target.spec
+        interval = spec.interval if spec else self._config.interval
+        timeout = spec.timeout if spec else self._config.timeout
+        # The first check of a new endpoint runs at once (it is not routed until it passes).
+        delay = random.uniform(0, min(interval, 0.05)) if state.health is Health.UNKNOWN else 0.0
+        if state.health is Health.EJECTED:
+            delay = max(0.0, state.ejected_until - self._now())
+        try:
+            while True:
+                await asyncio.sleep(delay)
+                result = await self._probe(target.address, target.port, spec, timeout)
+                self.checks += 1
+                now = self._now()
+                before = state.health
+                state.check_result(result.passing, result.reason, now)
+                self._publish(target, state, before)
+                if spec is None and state.health is not Health.EJECTED:
+                    return  # probing after ejection is done; passive detection resumes
+                due = state.next_check(interval, now)
+                delay = max(0.0, due - now) * random.uniform(1 - JITTER, 1 + JITTER)
+        finally:
+            entry = self._tasks.get(target.id)
+            if entry is not None and entry[1] is asyncio.current_task():
+                del self._tasks[target.id]
+
+    def report(self, endpoint_id: str, address: str, ok: bool, reason: str = "") -> None:
+        """A proxied request's outcome (ok, or a connection failure / 5xx). Cheap and
+        synchronous: called on the data path."""
+        ep = self._registry.snapshot.endpoints.get(endpoint_id)
+        if ep is None or ep.address != address:
+            return
+        target = self._target(ep)
+        if target is None:
+            return
+        state = self._state(target)
+        before = state.health
+        state.request_result(ok, reason or "request failed", self._now())
+        if state.health is not before:
+            self._publish(target, state, before)
+            if state.health is Health.EJECTED and endpoint_id not in self._tasks:
+                self._start(target)
+
+    def _publish(self, target: Target, state: EndpointHealth, before: Health) -> None:
+        if state.health is before:
+            return
+        if state.health is Health.UNKNOWN:
+            return
+        self.transitions += 1
+        level = logging.INFO if state.health is Health.UP else logging.WARNING
+        logger.log(
+            level,
+            "endpoint %s at %s:%d: %s -> %s (%s)",
+            target.id[:12],
+            target.address,
+            target.port,
+            before.value,
+            state.health.value,
+            state.reason,
+        )
+        verdict = Verdict(passing=state.routed, reason=state.reason, at=time.time())
+        self._registry.apply([SetVerdict(target.id, target.address, verdict)])

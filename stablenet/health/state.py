@@ -1,0 +1,141 @@
+"""Health state machine for one endpoint: active check results with rise/fall thresholds, and
+passive outlier ejection from request outcomes with a backoff that grows on repeat.
+
+Pure: every entry point takes ``now`` and returns what changed; nothing sleeps or does I/O.
+
+Transitions (one table, one place):
+
+    UNKNOWN --pass--------------------------> UP      (routed after its first passing check)
+    UNKNOWN --`fall` failures after grace---> DOWN    (a slow starter is not called unhealthy
+                                                       before `start_grace` has passed)
+    UP      --`fall` failures in a row------> DOWN
+    DOWN    --`rise` passes in a row--------> UP
+    UP      --`eject_after` failed requests-> EJECTED (for eject_time * 2**n, capped)
+    EJECTED --deadline passed, probe passes-> UP
+    EJECTED --deadline passed, probe fails--> EJECTED again, longer
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+STARTING_INTERVAL = 0.25  # seconds between checks of an endpoint that has never passed
+
+
+class Health(enum.Enum):
+    UNKNOWN = "unknown"
+    UP = "up"
+    DOWN = "down"
+    EJECTED = "ejected"
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    rise: int = 1
+    fall: int = 3
+    eject_after: int = 5  # consecutive failed requests; 0 turns passive ejection off
+    eject_time: float = 5.0
+    eject_max: float = 300.0
+    start_grace: float = 20.0  # seconds a new endpoint may fail before it counts as down
+
+
+@dataclass(slots=True)
+class EndpointHealth:
+    """Mutable per-endpoint state owned by the health checker."""
+
+    limits: Thresholds
+    health: Health = Health.UNKNOWN
+    passes: int = 0  # consecutive passing checks
+    failures: int = 0  # consecutive failing checks
+    request_failures: int = 0  # consecutive failed requests seen by the proxy
+    ejections: int = 0  # how many times in a row it was ejected (grows the backoff)
+    ejected_until: float = 0.0
+    last_ejected: float = float("-inf")
+    reason: str = "not checked yet"
+    last_check: float = 0.0
+    first_check: float | None = None
+
+    @property
+    def routed(self) -> bool:
+        return self.health is Health.UP
+
+    def _move(self, to: Health, reason: str, now: float) -> bool:
+        changed = to is not self.health
+        if changed:
+            logger.debug("health %s -> %s (%s)", self.health.value, to.value, reason)
+        self.health = to
+        self.reason = reason
+        return changed
+
+    def check_result(self, passing: bool, reason: str, now: float) -> bool:
+        """Record an active check (or a probe after ejection). True when ``routed`` changed."""
+        self.last_check = now
+        if self.first_check is None:
+            self.first_check = now
+        if passing:
+            self.passes += 1
+            self.failures = 0
+        else:
+            self.failures += 1
+            self.passes = 0
+        was = self.routed
+        match self.health, passing:
+            case Health.UNKNOWN, True:
+                self._move(Health.UP, reason, now)
+            case Health.UNKNOWN, False if (
+                self.failures >= self.limits.fall
+                and now - self.first_check >= self.limits.start_grace
+            ):
+                self._move(Health.DOWN, reason, now)
+            case Health.UP, False if self.failures >= self.limits.fall:
+                self._move(Health.DOWN, reason, now)
+            case Health.DOWN, True if self.passes >= self.limits.rise:
+                self._move(Health.UP, reason, now)
+            case Health.EJECTED, True if now >= self.ejected_until:
+                self.request_failures = 0
+                self._move(Health.UP, f"{reason} (back after ejection)", now)
+            case Health.EJECTED, False if now >= self.ejected_until:
+                self._eject(now, f"still failing after ejection: {reason}")
+            case _:
+                if self.health is not Health.EJECTED:
+                    self.reason = reason
+        return was is not self.routed
+
+    def request_result(self, ok: bool, reason: str, now: float) -> bool:
+        """Record the outcome of a proxied request. True when ``routed`` changed."""
+        if ok:
+            self.request_failures = 0
+            return False
+        self.request_failures += 1
+        limit = self.limits.eject_after
+        if limit <= 0 or self.health is Health.EJECTED or self.request_failures < limit:
+            return False
+        was = self.routed
+        self._eject(now, f"ejected after {self.request_failures} failed requests: {reason}")
+        return was is not self.routed
+
+    def _eject(self, now: float, reason: str) -> None:
+        if now - self.last_ejected > self.limits.eject_max * 2:
+            self.ejections = 0  # it behaved for a long while: start the backoff over
+        backoff = min(self.limits.eject_time * 2**self.ejections, self.limits.eject_max)
+        self.ejections += 1
+        self.last_ejected = now
+        self.ejected_until = now + backoff
+        self.request_failures = 0
+        self._move(Health.EJECTED, f"{reason}; probing again in {backoff:g}s", now)
+
+    def next_check(self, interval: float, now: float) -> float:
+        """When the next active check or probe is due. While it has never passed (a container
+        that is starting), check often during the grace period so it is routed soon after it
+        starts listening."""
+        if self.health is Health.EJECTED:
+            return max(self.ejected_until, now)
+        if self.health is Health.UNKNOWN and (
+            self.first_check is None or now - self.first_check < self.limits.start_grace
+        ):
+            return now + min(interval, STARTING_INTERVAL)
+        return now + interval

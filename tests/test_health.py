@@ -1,0 +1,197 @@
+"""Health checking against real containers: busybox httpd whose /healthz file is removed and
+restored with `docker exec`, Docker HEALTHCHECK, passive ejection, panic mode."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from stablenet.config import HealthConfig
+from stablenet.health.checker import HealthChecker
+from stablenet.health.probe import probe
+from stablenet.model import HealthSpec, State
+from stablenet.registry import Registry, Snapshot
+from tests.helpers import Containers, off_loop
+
+WAIT = 30
+FAST = {
+    "stablenet.port": "80",
+    "stablenet.health.path": "/healthz",
+    "stablenet.health.interval": "200ms",
+    "stablenet.health.timeout": "200ms",
+    "stablenet.health.fall": "2",
+    "stablenet.health.rise": "2",
+}
+
+
+@pytest.fixture
+async def checker(registry: Registry) -> AsyncIterator[HealthChecker]:
+    config = HealthConfig(eject_after=3, eject_time=0.3, eject_max=5.0)
+    health = HealthChecker(registry, config)
+    task = asyncio.get_running_loop().create_task(health.run())
+    yield health
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+def state(snap: Snapshot, name: str) -> State | None:
+    ep = snap.by_name.get(name)
+    return ep.state if ep else None
+
+
+async def record_states(registry: Registry, name: str, into: list[State | None]) -> None:
+    async for snap in registry.watch(registry.snapshot.version):
+        current = state(snap, name)
+        if not into or into[-1] is not current:
+            into.append(current)
+
+
+async def test_http_check_fall_and_rise_follow_healthz_file(
+    registry: Registry, checker: HealthChecker, containers: Containers
+) -> None:
+    box = await off_loop(containers.run, "hc", labels={**FAST, "stablenet.service": "hc"})
+    name = containers.name("hc")
+    async with asyncio.timeout(WAIT):
+        snap = await registry.until(lambda s: state(s, name) is State.READY)
+    assert snap.by_name[name].reason == "HTTP 200"
+    assert [e.name for e in snap.ready["hc"]] == [name]
+
+    await off_loop(box.exec_run, ["rm", "/www/healthz"])
+    async with asyncio.timeout(WAIT):
+        snap = await registry.until(lambda s: state(s, name) is State.UNHEALTHY)
+    assert snap.by_name[name].reason == "HTTP 404 (expected 200-399)"
+    assert snap.ready["hc"] == ()
+    status = checker.status(box.id)
+    assert status is not None and status.failures >= 2
+
+    await off_loop(box.exec_run, ["sh", "-c", "echo ok > /www/healthz"])
+    async with asyncio.timeout(WAIT):
+        snap = await registry.until(lambda s: state(s, name) is State.READY)
+    status = checker.status(box.id)
+    assert status is not None and status.passes >= 2
+
+
+async def test_new_endpoint_is_not_routed_before_first_pass(
+    registry: Registry, checker: HealthChecker, containers: Containers
+) -> None:
+    name = containers.name("late")
+    seen: list[State | None] = []
+    watcher = asyncio.get_running_loop().create_task(record_states(registry, name, seen))
+    await off_loop(
+        containers.run,
+        "late",
+        labels=FAST,
+        command=["sh", "-c", "sleep 1; exec httpd -f -p 80 -h /www"],
+    )
+    async with asyncio.timeout(WAIT):
+        await registry.until(lambda s: state(s, name) is State.READY)
+    watcher.cancel()
+    assert seen[0] is State.STARTING
+    assert seen[-1] is State.READY
+    assert State.UNHEALTHY not in seen
+
+
+async def test_docker_healthcheck_goes_through_starting(
+    registry: Registry, checker: HealthChecker, containers: Containers
+) -> None:
+    name = containers.name("dh")
+    seen: list[State | None] = []
+    watcher = asyncio.get_running_loop().create_task(record_states(registry, name, seen))
+    ms = 1_000_000
+    await off_loop(
+        containers.run,
+        "dh",
+        labels={"stablenet.port": "80"},
+        command=["sh", "-c", "sleep 1; touch /tmp/ok; exec httpd -f -p 80 -h /www"],
+        healthcheck={
+            "test": ["CMD", "test", "-f", "/tmp/ok"],
+            "interval": 200 * ms,
+            "timeout": 1000 * ms,
+            "retries": 3,
+        },
+    )
+    async with asyncio.timeout(WAIT):
+        snap = await registry.until(lambda s: state(s, name) is State.READY)
+    watcher.cancel()
+    assert seen[0] is State.STARTING
+    assert snap.by_name[name].docker_health == "healthy"
+    assert snap.by_name[name].reason == "Docker HEALTHCHECK says healthy"
+
+
+async def test_passive_ejection_then_probe_brings_it_back(
+    registry: Registry, checker: HealthChecker, containers: Containers
+) -> None:
+    # No active check: routed at once, guarded by passive detection. Nothing listens yet.
+    box = await off_loop(
+        containers.run, "pass", labels={"stablenet.port": "80"}, command=["sleep", "3600"]
+    )
+    name = containers.name("pass")
+    async with asyncio.timeout(WAIT):
+        snap = await registry.until(lambda s: state(s, name) is State.READY)
+    ep = snap.by_name[name]
+    for _ in range(3):  # what the proxy reports after three refused connections
+        checker.report(ep.id, ep.address, ok=False, reason="connection refused")
+    snap = registry.snapshot
+    assert state(snap, name) is State.UNHEALTHY  # ejected at once, no check interval involved
+    assert snap.by_name[name].reason.startswith("ejected after 3 failed requests")
+    # Probes after the ejection find nothing listening until httpd starts; then it is back.
+    await off_loop(box.exec_run, ["httpd", "-p", "80", "-h", "/www"], detach=True)
+    async with asyncio.timeout(WAIT):
+        snap = await registry.until(lambda s: state(s, name) is State.READY)
+    assert "back after ejection" in snap.by_name[name].reason
+    status = checker.status(ep.id)
+    assert status is not None and status.ejections >= 1
+
+
+async def test_panic_mode_routes_to_all_when_none_is_ready(
+    registry: Registry, checker: HealthChecker, containers: Containers
+) -> None:
+    labels = {
+        **FAST,
+        "stablenet.service": "panicky",
+        "stablenet.health.panic": "true",
+        "stablenet.health.path": "/missing",
+    }
+    await off_loop(containers.run, "p1", labels=labels)
+    await off_loop(containers.run, "p2", labels=labels)
+    names = {containers.name("p1"), containers.name("p2")}
+    async with asyncio.timeout(WAIT):
+        snap = await registry.until(lambda s: all(state(s, n) is State.UNHEALTHY for n in names))
+    assert {e.name for e in snap.ready["panicky"]} == names
+
+
+async def test_probe_reasons_against_a_local_server() -> None:
+    done = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await reader.readuntil(b"\r\n\r\n")
+            if b"GET /ok " in request and b"Host: svc.example" in request:
+                writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+            elif b"GET /slow " in request:
+                await done.wait()  # never answers while the probe waits
+            else:
+                writer.write(b"HTTP/1.1 500 Oops\r\n\r\n")
+            await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    spec = HealthSpec("/ok", 1.0, 1.0, 1, 1, host="svc.example")
+    try:
+        assert (await probe("127.0.0.1", port, spec, 1.0)).reason == "HTTP 204"
+        bad = await probe("127.0.0.1", port, HealthSpec("/x", 1.0, 1.0, 1, 1), 1.0)
+        assert (bad.passing, bad.reason) == (False, "HTTP 500 (expected 200-399)")
+        slow = await probe("127.0.0.1", port, HealthSpec("/slow", 1.0, 0.2, 1, 1), 0.2)
+        assert (slow.passing, slow.reason) == (False, "timeout after 0.2s")
+        assert (await probe("127.0.0.1", port, None, 1.0)).reason == "TCP connect ok"
+    finally:
+        done.set()
+        server.close()
+        await server.wait_closed()
+        await asyncio.sleep(0)  # let the released handler close its connection
+    refused = await probe("127.0.0.1", port, None, 1.0)
+    assert (refused.passing, refused.reason) == (False, "connection refused")
