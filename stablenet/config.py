@@ -17,6 +17,7 @@ from stablenet.units import (
     parse_duration,
     parse_hostport,
     parse_network,
+    parse_port,
 )
 
 ENV_PREFIX = "STABLENET_"
@@ -107,6 +108,17 @@ def _hostport_text(value: Any) -> str:
     return str(value)
 
 
+def _dns_listen_entry(value: Any) -> str:
+    """HOST:PORT, or docker:PORT for the engine's default bridge gateway (containers reach it)."""
+    text = _str(value)
+    host, sep, port = text.rpartition(":")
+    if sep and host == "docker":
+        parse_port(port)
+        return text
+    parse_hostport(text)
+    return text
+
+
 def _allow_entry(value: Any) -> str:
     if value == "docker":
         return "docker"
@@ -135,11 +147,15 @@ def _upstream(value: Any) -> str:
 @dataclass(frozen=True, slots=True)
 class DnsConfig:
     enabled: bool = _opt(True, _bool)
-    listen: tuple[str, ...] = _opt(("127.0.0.1:53",), _list_of(_hostport_text))
+    listen: tuple[str, ...] = _opt(("127.0.0.1:53",), _list_of(_dns_listen_entry))
     zone: str = _opt("stablenet.internal", _zone)
     upstreams: tuple[str, ...] = _opt((), _list_of(_upstream))
     allow: tuple[str, ...] = _opt(("127.0.0.0/8", "::1/128", "docker"), _list_of(_allow_entry))
     ttl: float = _opt(5.0, parse_duration)
+    negative_ttl: float = _opt(5.0, parse_duration)
+    cache_size: int = _opt(10000, _int_at_least(1))
+    forward_timeout: float = _opt(2.0, _positive_duration)
+    max_forwards: int = _opt(256, _int_at_least(1))
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,8 @@ from typing import Any
 from stablenet import __version__
 from stablenet.admin import AdminServer
 from stablenet.config import Config
+from stablenet.dns import DnsServer
+from stablenet.docker.networks import engine_networks
 from stablenet.docker.source import DockerSource
 from stablenet.docker.translate import Settings
 from stablenet.health.checker import HealthChecker
@@ -36,12 +38,20 @@ class Daemon:
         )
         self.health = HealthChecker(self.registry, config.health)
         self.admin = AdminServer(self.registry, config.admin.listen, config.admin.token)
+        self.dns = (
+            DnsServer(self.registry, config.dns, engine=lambda: asyncio.to_thread(engine_networks))
+            if config.dns.enabled
+            else None
+        )
         self.started = asyncio.Event()
         self.stopping = asyncio.Event()
 
     def listeners(self) -> list[contextlib.AbstractAsyncContextManager[Any]]:
         """Servers in start order; they close in reverse (admin first, so it closes last)."""
-        return [self.admin]
+        servers: list[contextlib.AbstractAsyncContextManager[Any]] = [self.admin]
+        if self.dns is not None:
+            servers.append(self.dns)
+        return servers
 
     def loops(self) -> dict[str, Callable[[], Coroutine[Any, Any, None]]]:
         """Long-lived loops, by name; each runs in the daemon's TaskGroup."""
