@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -144,6 +145,27 @@ def _upstream(value: Any) -> str:
         return text
 
 
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def _cookie_name(value: Any) -> str:
+    text = _str(value).strip()
+    if text and not _TOKEN.match(text):
+        raise ValueError("expected a cookie name (letters, digits, - and _) or empty for off")
+    return text
+
+
+def _proxy_listener(value: Any) -> str:
+    """'SERVICE=http:HOST:PORT' or 'SERVICE=tcp:HOST:PORT': a listener for one service."""
+    text = _str(value).strip()
+    service, sep, rest = text.partition("=")
+    kind, _, hostport = rest.partition(":")
+    if not sep or not service or kind not in ("http", "tcp"):
+        raise ValueError("expected SERVICE=http:HOST:PORT or SERVICE=tcp:HOST:PORT")
+    parse_hostport(hostport)
+    return text
+
+
 @dataclass(frozen=True, slots=True)
 class DnsConfig:
     enabled: bool = _opt(True, _bool)
@@ -164,6 +186,15 @@ class ProxyConfig:
     listen: str = _opt("169.254.100.1:80", _hostport_text)
     hold_timeout: float = _opt(10.0, parse_duration)
     balance: str = _opt("p2c", _choice("p2c", "round_robin", "least_requests"))
+    header_timeout: float = _opt(10.0, _positive_duration)
+    idle_timeout: float = _opt(60.0, _positive_duration)
+    connect_timeout: float = _opt(2.0, _positive_duration)
+    response_timeout: float = _opt(60.0, _positive_duration)
+    max_header_size: int = _opt(32768, _int_at_least(1024))
+    upstream_keepalive: int = _opt(32, _int_at_least(0))
+    access_log: bool = _opt(False, _bool)
+    sticky_cookie: str = _opt("", _cookie_name)
+    listeners: tuple[str, ...] = _opt((), _list_of(_proxy_listener))
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ from stablenet.docker.networks import engine_networks
 from stablenet.docker.source import DockerSource
 from stablenet.docker.translate import Settings
 from stablenet.health.checker import HealthChecker
+from stablenet.proxy import Proxy
 from stablenet.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,16 @@ class Daemon:
             if config.dns.enabled
             else None
         )
+        self.proxy = (
+            Proxy(
+                self.registry,
+                config.proxy,
+                zone=config.dns.zone,
+                report=lambda ep, ok, why: self.health.report(ep.id, ep.address, ok, why),
+            )
+            if config.proxy.enabled
+            else None
+        )
         self.started = asyncio.Event()
         self.stopping = asyncio.Event()
 
@@ -51,6 +62,8 @@ class Daemon:
         servers: list[contextlib.AbstractAsyncContextManager[Any]] = [self.admin]
         if self.dns is not None:
             servers.append(self.dns)
+        if self.proxy is not None:
+            servers.append(self.proxy)
         return servers
 
     def loops(self) -> dict[str, Callable[[], Coroutine[Any, Any, None]]]:

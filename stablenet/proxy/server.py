@@ -1,0 +1,414 @@
+"""The proxy runtime: listeners on the virtual address (and per-service ones), the routing table
+cached per snapshot version, the balancer, per-endpoint keep-alive pools, requests held while a
+service has no ready endpoint, timeouts, counters, and the hook that tells the health checker how
+requests went. An async context manager the daemon stacks. Nothing here knows Docker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from stablenet.config import ProxyConfig
+from stablenet.errors import StartupError
+from stablenet.model import Endpoint
+from stablenet.proxy import vip
+from stablenet.proxy.balance import Balancer, sticky_token, target_of
+from stablenet.proxy.http import ClientConnection, Exchange, UpstreamConnection
+from stablenet.proxy.routes import Routes, build_routes
+from stablenet.proxy.tcp import TcpClient
+from stablenet.registry import Registry
+from stablenet.units import parse_hostport
+
+logger = logging.getLogger(__name__)
+
+SWEEP_INTERVAL = 0.25  # seconds between timeout sweeps
+POOL_IDLE = 30.0  # seconds an idle backend connection is kept
+DRAIN_GRACE = 10.0  # seconds in-flight requests get to finish on shutdown
+RETRY_AFTER = b"1"
+
+OutcomeHook = Callable[[Endpoint, bool, str], None]
+"""Called with (endpoint, ok, reason) after each request or connection attempt: ok False for a
+connection failure, a reset before the response, a timeout or a 5xx answer. Passive health
+checking plugs in here; it must be quick and must not raise."""
+
+
+def no_outcome(endpoint: Endpoint, ok: bool, reason: str) -> None:
+    return None
+
+
+@dataclass(slots=True)
+class Counters:
+    """Per-service counts since start. Mutable, owned by the proxy; read them, don't write."""
+
+    requests: int = 0
+    retries: int = 0
+    holds: int = 0
+    errors: int = 0  # 5xx answered by the proxy itself, or responses cut short
+    bad_requests: int = 0  # 400/408/431 sent to clients
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """Where one listener binds, and what it serves: Host routing (service None) or one service."""
+
+    host: str
+    port: int
+    kind: str  # "http" or "tcp"
+    service: str | None
+    key: str  # the config key named in errors
+
+    @classmethod
+    def parse(cls, spec: str) -> Listener:
+        service, _, rest = spec.partition("=")
+        kind, _, hostport = rest.partition(":")
+        host, port = parse_hostport(hostport)
+        return cls(host, port, kind, service, f"proxy.listeners ({spec})")
+
+
+class Proxy:
+    """Everything the proxy's connections share. Enter it to listen; leave it to drain."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        config: ProxyConfig,
+        zone: str = "stablenet.internal",
+        report: OutcomeHook = no_outcome,
+    ) -> None:
+        self.registry = registry
+        self.config = config
+        self.zone = zone
+        self.report = report
+        self.balancer = Balancer(config.balance)
+        self.header_timeout = config.header_timeout
+        self.idle_timeout = config.idle_timeout
+        self.connect_timeout = config.connect_timeout
+        self.response_timeout = config.response_timeout
+        self.hold_timeout = config.hold_timeout
+        self.max_header_size = config.max_header_size
+        self.keepalive = config.upstream_keepalive
+        self.sticky_cookie = config.sticky_cookie
+        self.access_log = config.access_log
+        host, port = parse_hostport(config.listen)
+        self.listeners = [Listener(host, port, "http", None, "proxy.listen")] + [
+            Listener.parse(spec) for spec in config.listeners
+        ]
+        self.clients: set[ClientConnection] = set()
+        self.upstreams: set[UpstreamConnection] = set()
+        self.tcp_clients: set[TcpClient] = set()
+        self.pools: dict[tuple[str, str, int], list[UpstreamConnection]] = {}
+        self.waiters: dict[str, list[Exchange]] = {}
+        self.counters: dict[str, Counters] = {}
+        self._routes = Routes(-1)
+        self._tokens: dict[str, str] = {}
+        self._servers: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._added: list[str] = []
+        self._closing = False
+        self.loop = asyncio.get_event_loop()
+        self.bound: list[tuple[str, int]] = []  # actual addresses, in listener order
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Proxy:
+        self.loop = asyncio.get_running_loop()
+        try:
+            for listener in self.listeners:
+                await self._listen(listener)
+        except BaseException:
+            await self._shutdown()
+            raise
+        self.spawn(self._sweep(), name="proxy-sweep")
+        self.routes()
+        self.spawn(self._watch(self.registry.snapshot.version), name="proxy-watch")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._shutdown()
+
+    async def _listen(self, listener: Listener) -> None:
+        if listener.host not in self._added and await vip.ensure_local(listener.host, listener.key):
+            self._added.append(listener.host)
+        service = listener.service
+
+        def http_factory() -> asyncio.Protocol:
+            return ClientConnection(self, service)
+
+        def tcp_factory() -> asyncio.Protocol:
+            assert service is not None
+            return TcpClient(self, service)
+
+        try:
+            server = await self.loop.create_server(
+                http_factory if listener.kind == "http" else tcp_factory,
+                listener.host,
+                listener.port,
+                reuse_address=True,
+                backlog=1024,
+            )
+        except OSError as exc:
+            raise StartupError(
+                f"{listener.key}: cannot listen on {listener.host}:{listener.port}: "
+                f"{exc.strerror or exc}"
+            ) from None
+        self._servers.append(server)
+        sock = server.sockets[0].getsockname()
+        self.bound.append((str(sock[0]), int(sock[1])))
+        logger.info(
+            "proxy listening on %s:%d (%s%s)",
+            sock[0],
+            sock[1],
+            listener.kind,
+            f" for service {service}" if service else ", routed by Host",
+        )
+
+    async def _shutdown(self) -> None:
+        """Stop accepting, let in-flight requests finish (bounded), close the rest."""
+        self._closing = True
+        for server in self._servers:
+            server.close()
+        for conn in list(self.clients):
+            if not conn.queue and conn.transport is not None:
+                conn.transport.close()  # idle keep-alive connection
+        deadline = self.loop.time() + DRAIN_GRACE
+        while (self.clients or self.tcp_clients) and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)  # noqa: ASYNC110 - bounded drain, no event to wait on
+            for conn in list(self.clients):
+                if not conn.queue and conn.transport is not None:
+                    conn.transport.close()
+        for conn in list(self.clients):
+            if conn.transport is not None:
+                conn.transport.abort()
+        for tcp in list(self.tcp_clients):
+            if tcp.transport is not None:
+                tcp.transport.abort()
+        for pool in self.pools.values():
+            for up in pool:
+                if up.transport is not None:
+                    up.transport.close()
+        self.pools.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
+        self._servers.clear()
+        for host in self._added:
+            await vip.remove(host)
+        self._added.clear()
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str | None = None) -> None:
+        """Run a coroutine owned by the proxy: cancelled on shutdown, failures logged."""
+        task = self.loop.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("proxy task %s failed", task.get_name(), exc_info=task.exception())
+
+    # -- routing and dispatch -----------------------------------------------------------------
+
+    def routes(self) -> Routes:
+        snap = self.registry.snapshot
+        routes = self._routes
+        if routes.version != snap.version:
+            routes = self._routes = build_routes(snap, self.zone, routes, self.loop.time())
+        return routes
+
+    def count(self, service: str | None) -> Counters:
+        key = service or "-"
+        counters = self.counters.get(key)
+        if counters is None:
+            counters = self.counters[key] = Counters()
+        return counters
+
+    def token(self, ep: Endpoint) -> str:
+        token = self._tokens.get(ep.id)
+        if token is None:
+            token = self._tokens[ep.id] = sticky_token(ep)
+        return token
+
+    def dispatch(self, ex: Exchange) -> None:
+        """Send the exchange to a ready endpoint it has not failed on, or hold it."""
+        if ex.closed:
+            return
+        ready = self.registry.snapshot.ready.get(ex.service, ())
+        ep: Endpoint | None = None
+        if ex.sticky is not None:
+            for cand in ready:
+                if self.token(cand) == ex.sticky and target_of(cand) not in ex.tried:
+                    ep = cand
+                    break
+        if ep is None:
+            ep = self.balancer.pick(ex.service, ready, ex.tried)
+        if ep is None:
+            self.hold(ex)
+            return
+        ex.endpoint = ep
+        self.balancer.begin(ep)
+        ex.counted = True
+        if not ex.fresh_only:
+            up = self.pool_take(ep)
+            if up is not None:
+                ex.conn.attach(ex, up, reused=True)
+                return
+        ex.fresh_only = False
+        ex.connecting = True
+        self.spawn(self._connect(ex, ep))
+
+    def release(self, ex: Exchange) -> None:
+        """The exchange no longer occupies its endpoint."""
+        if ex.counted:
+            ex.counted = False
+            if ex.endpoint is not None:
+                self.balancer.end(ex.endpoint)
+
+    async def _connect(self, ex: Exchange, ep: Endpoint) -> None:
+        port = ep.port or 80
+        key = (ep.id, ep.address, port)
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, up = await self.loop.create_connection(
+                    lambda: UpstreamConnection(self, key), ep.address, port
+                )
+        except (OSError, TimeoutError) as exc:
+            ex.connecting = False
+            self.release(ex)
+            why = "connect timeout" if isinstance(exc, TimeoutError) else f"connect: {exc}"
+            self.report(ep, False, why)
+            if ex.closed:
+                return
+            logger.debug("service %s: %s:%d %s; trying another", ex.service, ep.address, port, why)
+            ex.tried.add(target_of(ep))
+            self.count(ex.service).retries += 1
+            self.dispatch(ex)
+            return
+        ex.connecting = False
+        current = self.registry.snapshot.endpoints.get(ep.id)
+        if ex.closed or current is None or current.address != ep.address:
+            if current is not None and current.address == ep.address:
+                self.pool_put(ep, up)
+            elif up.transport is not None:
+                up.transport.close()
+            if not ex.closed:  # the endpoint left the registry while we connected
+                self.release(ex)
+                self.dispatch(ex)
+            return
+        ex.conn.attach(ex, up, reused=False)
+
+    # -- holding ------------------------------------------------------------------------------
+
+    def hold(self, ex: Exchange) -> None:
+        now = self.loop.time()
+        if now >= ex.hold_deadline or self._closing:
+            self._unavailable(ex)
+            return
+        if not ex.held:
+            self.count(ex.service).holds += 1
+            logger.debug("holding a request for %s: no ready endpoint", ex.service)
+        ex.held = True
+        self.waiters.setdefault(ex.service, []).append(ex)
+        ex.hold_handle = self.loop.call_at(ex.hold_deadline, self._hold_expired, ex)
+
+    def unhold(self, ex: Exchange) -> None:
+        ex.held = False
+        if ex.hold_handle is not None:
+            ex.hold_handle.cancel()
+            ex.hold_handle = None
+        waiting = self.waiters.get(ex.service)
+        if waiting is not None and ex in waiting:
+            waiting.remove(ex)
+            if not waiting:
+                del self.waiters[ex.service]
+
+    def _hold_expired(self, ex: Exchange) -> None:
+        ex.hold_handle = None
+        self.unhold(ex)
+        self._unavailable(ex)
+
+    def _unavailable(self, ex: Exchange) -> None:
+        ex.conn.respond(
+            ex,
+            503,
+            f"service {ex.service!r} has no ready endpoint; retry shortly",
+            close=False,
+            extra=((b"Retry-After", RETRY_AFTER),),
+        )
+
+    async def _watch(self, since: int) -> None:
+        """Wake held requests when their service gets a ready endpoint; drop pooled
+        connections to endpoints the registry no longer holds."""
+        async for snap in self.registry.watch(since):
+            self.routes()  # keeps hosts of services that just lost every endpoint
+            for service in list(self.waiters):
+                if snap.ready.get(service):
+                    for ex in self.waiters.pop(service, []):
+                        if ex.hold_handle is not None:
+                            ex.hold_handle.cancel()
+                            ex.hold_handle = None
+                        ex.held = False
+                        self.dispatch(ex)
+            for key in list(self.pools):
+                ep = snap.endpoints.get(key[0])
+                if ep is None or ep.address != key[1] or (ep.port or 80) != key[2]:
+                    for up in self.pools.pop(key):
+                        if up.transport is not None:
+                            up.transport.close()
+
+    # -- keep-alive pools ---------------------------------------------------------------------
+
+    def pool_take(self, ep: Endpoint) -> UpstreamConnection | None:
+        pool = self.pools.get((ep.id, ep.address, ep.port or 80))
+        while pool:
+            up = pool.pop()
+            transport = up.transport
+            if transport is not None and not transport.is_closing():
+                return up
+        return None
+
+    def pool_put(self, ep: Endpoint, up: UpstreamConnection) -> None:
+        transport = up.transport
+        if transport is None:
+            return
+        pool = self.pools.get(up.key)
+        if pool is None:
+            pool = self.pools[up.key] = []
+        if self._closing or len(pool) >= self.keepalive or transport.is_closing():
+            transport.close()
+            return
+        up.deadline = self.loop.time() + POOL_IDLE
+        pool.append(up)
+
+    def pool_discard(self, up: UpstreamConnection) -> None:
+        pool = self.pools.get(up.key)
+        if pool and up in pool:
+            pool.remove(up)
+
+    # -- timeouts -----------------------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            self.expire(self.loop.time())
+
+    def expire(self, now: float) -> None:
+        """Act on every deadline that passed by ``now``."""
+        for conn in [c for c in self.clients if c.deadline_kind and c.deadline <= now]:
+            conn.timed_out(now)
+        for up in [u for u in self.upstreams if u.deadline and u.deadline <= now]:
+            up.deadline = 0.0
+            up.timed_out(now)

@@ -1,0 +1,139 @@
+"""Plain TCP proxying for a service's dedicated listener (Redis, Postgres, ...): each client
+connection is joined to one READY endpoint, chosen by the balancer; connection failures move on
+to another endpoint; with none ready the client waits up to hold_timeout. Bytes pass unchanged,
+with flow control both ways."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
+
+from stablenet.model import Endpoint
+from stablenet.proxy.balance import Target, target_of
+
+if TYPE_CHECKING:
+    from stablenet.proxy.server import Proxy
+
+logger = logging.getLogger(__name__)
+
+
+class _Pipe(asyncio.Protocol):
+    """One side of a joined pair: what it reads, the other side writes."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.peer: _Pipe | None = None
+        self.early: list[bytes] = []
+        self.on_lost: list[Callable[[], None]] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is not None and peer.transport is not None:
+            peer.transport.write(data)
+        else:
+            self.early.append(data)
+
+    def eof_received(self) -> bool | None:
+        peer = self.peer
+        if peer is not None and peer.transport is not None and peer.transport.can_write_eof():
+            peer.transport.write_eof()
+            return True
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        for callback in self.on_lost:
+            callback()
+        self.on_lost.clear()
+        peer = self.peer
+        if peer is not None and peer.transport is not None:
+            peer.transport.close()
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
+
+
+class TcpClient(_Pipe):
+    def __init__(self, proxy: Proxy, service: str) -> None:
+        super().__init__()
+        self.proxy = proxy
+        self.service = service
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.pause_reading()  # until joined to an endpoint
+        self.proxy.tcp_clients.add(self)
+        self.proxy.count(self.service).requests += 1
+        self.proxy.spawn(self._join(), name=f"tcp-join-{self.service}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.proxy.tcp_clients.discard(self)
+        super().connection_lost(exc)
+
+    async def _join(self) -> None:
+        proxy = self.proxy
+        loop = proxy.loop
+        deadline = loop.time() + proxy.hold_timeout
+        tried: set[Target] = set()
+        held = False
+        while self.transport is not None:
+            snap = proxy.registry.snapshot
+            ep = proxy.balancer.pick(self.service, snap.ready.get(self.service, ()), tried)
+            if ep is None:
+                if not held:
+                    held = True
+                    proxy.count(self.service).holds += 1
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await proxy.registry.until(
+                            lambda s: any(
+                                target_of(e) not in tried for e in s.ready.get(self.service, ())
+                            )
+                        )
+                except TimeoutError:
+                    logger.debug("tcp %s: no ready endpoint within hold_timeout", self.service)
+                    proxy.count(self.service).errors += 1
+                    if self.transport is not None:
+                        self.transport.close()
+                    return
+                continue
+            if await self._connect(ep):
+                return
+            tried.add(target_of(ep))
+            proxy.count(self.service).retries += 1
+
+    async def _connect(self, ep: Endpoint) -> bool:
+        proxy = self.proxy
+        upstream = _Pipe()
+        proxy.balancer.begin(ep)
+        try:
+            async with asyncio.timeout(proxy.connect_timeout):
+                await proxy.loop.create_connection(lambda: upstream, ep.address, ep.port or 0)
+        except (OSError, TimeoutError) as exc:
+            proxy.balancer.end(ep)
+            proxy.report(ep, False, f"connect failed: {exc}")
+            return False
+        if self.transport is None or upstream.transport is None:
+            proxy.balancer.end(ep)
+            if upstream.transport is not None:
+                upstream.transport.close()
+            return True
+        proxy.report(ep, True, "connected")
+        upstream.peer, self.peer = self, upstream
+        upstream.on_lost.append(lambda: proxy.balancer.end(ep))
+        if self.early:
+            upstream.transport.write(b"".join(self.early))
+            self.early.clear()
+        self.transport.resume_reading()
+        return True
