@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import errno
 from dataclasses import dataclass
+from typing import cast
 
 from stablenet.model import HealthSpec
 
@@ -29,23 +30,54 @@ def _describe(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
 
+class _ProbeProtocol(asyncio.Protocol):
+    """Sends one request on connect and resolves with the first response line (or b'' for a
+    plain TCP check). No stream objects: a check is one connection and one small read."""
+
+    def __init__(self, request: bytes, done: asyncio.Future[bytes]) -> None:
+        self._request = request
+        self._done = done
+        self._buffer = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self._request:
+            self._done.set_result(b"")
+            return
+        cast(asyncio.Transport, transport).write(self._request)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        end = self._buffer.find(b"\n")
+        if end >= 0 and not self._done.done():
+            self._done.set_result(self._buffer[:end])
+        elif len(self._buffer) > _MAX_STATUS_LINE and not self._done.done():
+            self._done.set_exception(asyncio.LimitOverrunError("status line too long", 0))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._done.done():
+            self._done.set_exception(
+                exc if exc is not None else asyncio.IncompleteReadError(self._buffer, None)
+            )
+
+
 async def probe(address: str, port: int, spec: HealthSpec | None, within: float) -> ProbeResult:
     """HTTP GET spec.path when the spec has a path, else a TCP connect; ``within`` seconds."""
-    writer: asyncio.StreamWriter | None = None
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[bytes] = loop.create_future()
+    request = b""
+    if spec is not None and spec.path is not None:
+        host = spec.host or (f"[{address}]" if ":" in address else address)
+        request = (
+            f"GET {spec.path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: stablenet-health\r\n"
+            "Accept: */*\r\nConnection: close\r\n\r\n".encode("latin-1")
+        )
+    transport: asyncio.BaseTransport | None = None
     try:
         async with asyncio.timeout(within):
-            reader, writer = await asyncio.open_connection(address, port)
-            if spec is None or spec.path is None:
-                return ProbeResult(True, "TCP connect ok")
-            host = spec.host or address
-            if ":" in host and not host.startswith("["):
-                host = f"[{host}]"
-            writer.write(
-                f"GET {spec.path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: stablenet-health\r\n"
-                "Accept: */*\r\nConnection: close\r\n\r\n".encode("latin-1")
+            transport, _ = await loop.create_connection(
+                lambda: _ProbeProtocol(request, done), address, port
             )
-            line = await reader.readuntil(b"\n")
-            return _judge(line, spec)
+            line = await done
     except TimeoutError:
         return ProbeResult(False, f"timeout after {within:g}s")
     except asyncio.IncompleteReadError:
@@ -55,8 +87,11 @@ async def probe(address: str, port: int, spec: HealthSpec | None, within: float)
     except OSError as exc:
         return ProbeResult(False, _describe(exc))
     finally:
-        if writer is not None:
-            writer.close()
+        if transport is not None:
+            transport.close()
+    if spec is None or spec.path is None:
+        return ProbeResult(True, "TCP connect ok")
+    return _judge(line, spec)
 
 
 def _judge(line: bytes, spec: HealthSpec) -> ProbeResult:
