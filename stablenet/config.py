@@ -191,7 +191,7 @@ class ProxyConfig:
     connect_timeout: float = _opt(2.0, _positive_duration)
     response_timeout: float = _opt(60.0, _positive_duration)
     max_header_size: int = _opt(32768, _int_at_least(1024))
-    upstream_keepalive: int = _opt(32, _int_at_least(0))
+    upstream_keepalive: int = _opt(128, _int_at_least(0))
     access_log: bool = _opt(False, _bool)
     sticky_cookie: str = _opt("", _cookie_name)
     listeners: tuple[str, ...] = _opt((), _list_of(_proxy_listener))

@@ -156,6 +156,7 @@ class ClientConnection(asyncio.Protocol):
         "write_paused",
         "tunnel_to",
         "closing",
+        "wbuf",
     )
 
     def __init__(self, proxy: Proxy, fixed_service: str | None = None) -> None:
@@ -175,6 +176,7 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused = False
         self.tunnel_to: UpstreamConnection | None = None
         self.closing = False
+        self.wbuf: list[bytes] = []  # response bytes gathered during one backend read
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -450,6 +452,7 @@ class ClientConnection(asyncio.Protocol):
         """Answer the exchange with the proxy's own response."""
         if ex.closed or self.transport is None:
             return
+        self.flush()
         if ex.response_started:
             self.transport.abort()
             self.finish(ex, close=True)
@@ -468,6 +471,7 @@ class ClientConnection(asyncio.Protocol):
 
     def finish(self, ex: Exchange, close: bool = False) -> None:
         """The response is complete: log it, then close or move on to the next request."""
+        self.flush()
         proxy = self.proxy
         proxy.release(ex)
         ex.upstream = None
@@ -542,14 +546,14 @@ class ClientConnection(asyncio.Protocol):
                 ex.tunnel = True
                 ex.status = status
                 ex.response_started = True
-                transport.write(b"".join(out))
+                self.wbuf.append(b"".join(out))
                 self.tunnel_to = up
                 up.tunnel_to = self
                 return
             up.interim = True
             if ex.version != "1.0" and status != 101:
                 out.append(b"\r\n")
-                transport.write(b"".join(out))
+                self.wbuf.append(b"".join(out))
             return
         if ex.head_request or status in NO_BODY_STATUS:
             ex.out_mode = OUT_RAW
@@ -582,7 +586,7 @@ class ClientConnection(asyncio.Protocol):
         ex.keep_alive = keep
         ex.status = status
         ex.response_started = True
-        transport.write(b"".join(out))
+        self.wbuf.append(b"".join(out))
         if status >= 500 and ex.endpoint is not None:
             self.proxy.report(ex.endpoint, False, f"HTTP {status}")
         if ex.head_request:
@@ -590,19 +594,24 @@ class ClientConnection(asyncio.Protocol):
             self.response_done(ex, up)
 
     def response_body(self, ex: Exchange, data: bytes) -> None:
-        transport = self.transport
-        if transport is None:
-            return
         if ex.out_mode == OUT_CHUNKED:
-            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+            self.wbuf.append(b"%x\r\n%b\r\n" % (len(data), data))
         else:
-            transport.write(data)
+            self.wbuf.append(data)
+
+    def flush(self) -> None:
+        """Write what the last backend read produced, in one call."""
+        wbuf = self.wbuf
+        if wbuf:
+            transport = self.transport
+            if transport is not None:
+                transport.write(wbuf[0] if len(wbuf) == 1 else b"".join(wbuf))
+            wbuf.clear()
 
     def response_done(self, ex: Exchange, up: UpstreamConnection) -> None:
         """The backend finished its response."""
-        transport = self.transport
-        if transport is not None and ex.out_mode == OUT_CHUNKED:
-            transport.write(_LAST_CHUNK)
+        if ex.out_mode == OUT_CHUNKED:
+            self.wbuf.append(_LAST_CHUNK)
         ep = ex.endpoint
         up.exchange = None
         reusable = ex.body_done and not up.until_close and up.parser.should_keep_alive()
@@ -685,6 +694,7 @@ class ClientConnection(asyncio.Protocol):
                 # A response is under way for an earlier request; cut the connection.
                 self.transport.abort()
                 return
+        self.flush()
         self.transport.write(error_response(status, message))
         self.transport.close()
 
@@ -793,13 +803,14 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.got_bytes = True
         self.deadline = self.proxy.loop.time() + self.proxy.response_timeout
+        conn = ex.conn
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
-            client = self.tunnel_to
+            conn.flush()
             rest = data[upgrade.args[0] :]
-            if client is not None and client.transport is not None and rest:
-                client.transport.write(rest)
+            if conn.transport is not None and rest:
+                conn.transport.write(rest)
             return
         except httptools.HttpParserError as exc:
             if self.transport is not None:
@@ -808,6 +819,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self.exchange = None
                 ex.conn.upstream_garbage(ex, self, f"invalid response: {exc}")
             return
+        conn.flush()
         if self.renew_parser:
             self.renew_parser = False
             self.parser = httptools.HttpResponseParser(self)

@@ -1,0 +1,53 @@
+"""Run stablenet's proxy alone for the benchmark: one service with one endpoint (the benchmark's
+backend), default proxy config (p2c, holds, retries, pools, outcome hook), uvloop.
+
+    python -m benchmarks.proxy.serve_stablenet --listen 127.0.0.1:18081 --backend 127.0.0.1:18080
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import signal
+
+import uvloop
+
+from stablenet.config import ProxyConfig
+from stablenet.model import Endpoint, Upsert
+from stablenet.proxy import Proxy
+from stablenet.registry import Registry
+from stablenet.units import parse_hostport
+
+
+async def serve(listen: str, backend: str) -> None:
+    host, port = parse_hostport(backend)
+    registry = Registry()
+    registry.apply(
+        [Upsert(Endpoint("b" * 64, "bench-1", "web", host, port, "bench", started_at=1.0))]
+    )
+    outcomes = {"ok": 0, "failed": 0}
+
+    def hook(ep: Endpoint, ok: bool, why: str) -> None:  # stands in for passive health
+        outcomes["ok" if ok else "failed"] += 1
+
+    config = dataclasses.replace(ProxyConfig(), listen=listen)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    async with Proxy(registry, config, report=hook):
+        await stop.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--listen", required=True)
+    parser.add_argument("--backend", required=True)
+    args = parser.parse_args()
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve(args.listen, args.backend))
+
+
+if __name__ == "__main__":
+    main()
