@@ -10,6 +10,8 @@ source scripts/engine.sh
 # docker.io: the engine (started privately only when none answers); busybox-static: test images;
 # bind9-dnsutils: dig; dnsmasq-base: a local upstream for DNS forwarding tests; curl: HTTP client.
 _apt_install ca-certificates docker.io busybox-static bind9-dnsutils dnsmasq-base curl iproute2
+# chromium: the headless browser the status page test drives (Playwright uses it, never its own).
+_apt_install chromium
 
 PYTHON="${PYTHON:-python3}"
 if ! "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null; then

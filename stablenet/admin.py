@@ -1,5 +1,6 @@
-"""Admin API (aiohttp): the registry as JSON, liveness and readiness. Read-only; bound to loopback
-by default, and guarded by a bearer token whenever one is configured. It never changes state."""
+"""Admin API (aiohttp): the registry as JSON, liveness and readiness, recent events, Prometheus
+metrics and the status page. Read-only; bound to loopback by default, and guarded by a bearer
+token whenever one is configured. It never changes state."""
 
 from __future__ import annotations
 
@@ -13,14 +14,16 @@ from typing import Any
 from aiohttp import web
 
 from stablenet.errors import StartupError
+from stablenet.events import EventLog
 from stablenet.model import Endpoint
 from stablenet.registry import Registry, Snapshot
+from stablenet.status import PAGE
 from stablenet.units import parse_hostport
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})  # "/" is the page; its data is guarded
 
 
 def endpoint_json(ep: Endpoint, now: float) -> dict[str, Any]:
@@ -82,8 +85,17 @@ class AdminServer:
     """The admin HTTP server as an async context manager. Other parts may add routes before
     it starts (``add_get``)."""
 
-    def __init__(self, registry: Registry, listen: str, token: str = "") -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        listen: str,
+        token: str = "",
+        events: EventLog | None = None,
+        metrics: Callable[[], bytes] | None = None,
+    ) -> None:
         self._registry = registry
+        self._events = events
+        self._metrics = metrics
         self._host, self._port = parse_hostport(listen)
         self._listen = listen
         self._token = token
@@ -92,6 +104,9 @@ class AdminServer:
         self._app.router.add_get("/readyz", self._readyz)
         self._app.router.add_get("/v1/services", self._services)
         self._app.router.add_get("/v1/services/{name}", self._service)
+        self._app.router.add_get("/v1/events", self._recent_events)
+        self._app.router.add_get("/metrics", self._metrics_text)
+        self._app.router.add_get("/", self._status_page)
         self._runner: web.AppRunner | None = None
         self.port = self._port
 
@@ -130,6 +145,24 @@ class AdminServer:
         if name not in snap.services:
             return web.json_response({"error": f"no service named {name!r}"}, status=404)
         return web.json_response(service_json(name, snap, time.time()))
+
+    async def _recent_events(self, request: web.Request) -> web.Response:
+        try:
+            since = int(request.query.get("since", "0"))
+        except ValueError:
+            return web.json_response({"error": "since: expected a whole number"}, status=400)
+        events = self._events.since(since) if self._events is not None else []
+        return web.json_response({"events": [e.as_dict() for e in events]})
+
+    async def _metrics_text(self, request: web.Request) -> web.Response:
+        if self._metrics is None:
+            return web.json_response({"error": "metrics are not enabled"}, status=404)
+        return web.Response(
+            body=self._metrics(), headers={"Content-Type": "text/plain; version=0.0.4"}
+        )
+
+    async def _status_page(self, request: web.Request) -> web.Response:
+        return web.Response(text=PAGE, content_type="text/html")
 
     async def __aenter__(self) -> AdminServer:
         runner = web.AppRunner(self._app, access_log=None, handle_signals=False)

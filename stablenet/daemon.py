@@ -17,7 +17,9 @@ from stablenet.dns import DnsServer
 from stablenet.docker.networks import engine_networks
 from stablenet.docker.source import DockerSource
 from stablenet.docker.translate import Settings
+from stablenet.events import EventLog
 from stablenet.health.checker import HealthChecker
+from stablenet.metrics import Collector, exposition
 from stablenet.proxy import Proxy
 from stablenet.registry import Registry
 
@@ -38,7 +40,6 @@ class Daemon:
             resync_interval=config.docker.resync_interval,
         )
         self.health = HealthChecker(self.registry, config.health)
-        self.admin = AdminServer(self.registry, config.admin.listen, config.admin.token)
         self.dns = (
             DnsServer(self.registry, config.dns, engine=lambda: asyncio.to_thread(engine_networks))
             if config.dns.enabled
@@ -54,6 +55,17 @@ class Daemon:
             if config.proxy.enabled
             else None
         )
+        self.events = EventLog(self.registry)
+        self.collector = Collector(
+            self.registry, source=self.source, health=self.health, dns=self.dns, proxy=self.proxy
+        )
+        self.admin = AdminServer(
+            self.registry,
+            config.admin.listen,
+            config.admin.token,
+            events=self.events,
+            metrics=lambda: exposition(self.collector),
+        )
         self.started = asyncio.Event()
         self.stopping = asyncio.Event()
 
@@ -68,7 +80,11 @@ class Daemon:
 
     def loops(self) -> dict[str, Callable[[], Coroutine[Any, Any, None]]]:
         """Long-lived loops, by name; each runs in the daemon's TaskGroup."""
-        return {"docker-source": self.source.run, "health": self.health.run}
+        return {
+            "docker-source": self.source.run,
+            "health": self.health.run,
+            "events": self.events.run,
+        }
 
     async def run(self) -> None:
         """Start listeners, run the loops until ``stopping`` is set, then stop in order:

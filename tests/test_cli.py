@@ -131,7 +131,7 @@ class RunningDaemon:
     log: list[str]
 
 
-async def _wait_for_line(proc: asyncio.subprocess.Process, needle: str, log: list[str]) -> None:
+async def wait_for_line(proc: asyncio.subprocess.Process, needle: str, log: list[str]) -> None:
     assert proc.stderr is not None
     async with asyncio.timeout(30):
         while True:
@@ -162,7 +162,7 @@ async def start_daemon(*args: str, env: dict[str, str] | None = None) -> Running
         stderr=asyncio.subprocess.PIPE,
     )
     daemon = RunningDaemon(proc, f"http://127.0.0.1:{port}", full_env, [])
-    await _wait_for_line(proc, "Docker Engine connected", daemon.log)
+    await wait_for_line(proc, "Docker Engine connected", daemon.log)
     return daemon
 
 
@@ -196,14 +196,10 @@ async def test_daemon_serves_registry_over_admin_api_and_cli(
         async with http.get(daemon.admin + "/readyz") as resp:
             assert resp.status == 200
             assert (await resp.json())["ready"] is True
-        async with asyncio.timeout(30):
-            while True:
-                async with http.get(daemon.admin + "/v1/services/cli-api") as resp:
-                    if resp.status == 200:
-                        body = await resp.json()
-                        break
-                    assert resp.status == 404
-                await asyncio.sleep(0.05)  # polling a remote process: no event to await
+        await wait_for_line(daemon.proc, "added to service cli-api", daemon.log)
+        async with http.get(daemon.admin + "/v1/services/cli-api") as resp:
+            assert resp.status == 200
+            body = await resp.json()
         async with http.get(daemon.admin + "/v1/services/no-such") as resp:
             assert resp.status == 404
     [endpoint] = body["endpoints"]

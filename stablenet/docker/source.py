@@ -30,6 +30,7 @@ from stablenet.docker.translate import (
     classify,
     container_name,
     endpoint_from_inspect,
+    event_time,
 )
 from stablenet.model import Change, Drain, Endpoint, Problem, Remove, Resync, SetSynced, Upsert
 from stablenet.registry import Registry
@@ -60,6 +61,7 @@ class SourceStats:
     reconnects: int = 0
     last_resync_seconds: float = 0.0
     last_error: str = ""
+    last_event_lag: float = 0.0  # seconds from the last event's timestamp to its registry update
     connected_since: float = 0.0
     handled_by_action: dict[str, int] = field(default_factory=dict)
 
@@ -262,6 +264,9 @@ class DockerSource:
             if self._touched is not None:
                 self._touched.add(cid)
             self._registry.apply([self._translate(cid, inspect)])
+        stamp = event_time(event)
+        if stamp:
+            self.stats.last_event_lag = max(0.0, time.time() - stamp)
 
     def _translate(self, cid: str, inspect: Mapping[str, Any] | None) -> Change:
         if inspect is None:

@@ -1,0 +1,89 @@
+"""Recent changes, for people: a bounded log of endpoint transitions (added, moved, state
+changes, removed) derived by diffing consecutive registry snapshots. The status page and the
+admin API read it; nothing here changes state."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from stablenet.model import Endpoint
+from stablenet.registry import Registry
+
+CAPACITY = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    seq: int
+    at: float  # unix time of the snapshot that showed the change
+    service: str
+    endpoint: str
+    kind: str  # added, moved, state, removed, docker
+    message: str
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "seq": self.seq,
+            "at": self.at,
+            "service": self.service,
+            "endpoint": self.endpoint,
+            "kind": self.kind,
+            "message": self.message,
+        }
+
+
+def diff(
+    old: Mapping[str, Endpoint], new: Mapping[str, Endpoint]
+) -> list[tuple[str, str, str, str]]:
+    """(service, endpoint, kind, message) for every change between two endpoint maps."""
+    out = []
+    for cid, ep in new.items():
+        before = old.get(cid)
+        where = f"{ep.address}:{ep.port}" if ep.port else ep.address
+        if before is None:
+            out.append((ep.service, ep.name, "added", f"added at {where}, {ep.state.value}"))
+        elif (before.address, before.port) != (ep.address, ep.port):
+            out.append((ep.service, ep.name, "moved", f"moved to {where}"))
+        elif before.state is not ep.state:
+            out.append(
+                (
+                    ep.service,
+                    ep.name,
+                    "state",
+                    f"{before.state.value} -> {ep.state.value} ({ep.reason})",
+                )
+            )
+    for cid, ep in old.items():
+        if cid not in new:
+            out.append((ep.service, ep.name, "removed", f"removed from {ep.address}"))
+    return out
+
+
+class EventLog:
+    """Follows the registry and keeps the last CAPACITY changes."""
+
+    def __init__(self, registry: Registry, capacity: int = CAPACITY) -> None:
+        self._registry = registry
+        self._events: collections.deque[Event] = collections.deque(maxlen=capacity)
+        self._seq = itertools.count(1)
+
+    def since(self, seq: int = 0) -> list[Event]:
+        return [e for e in self._events if e.seq > seq]
+
+    async def run(self) -> None:
+        first = self._registry.snapshot
+        synced = first.synced
+        previous = first.endpoints
+        async for snap in self._registry.watch(first.version):
+            for service, endpoint, kind, message in diff(previous, snap.endpoints):
+                self._events.append(
+                    Event(next(self._seq), snap.created, service, endpoint, kind, message)
+                )
+            if snap.synced != synced:
+                text = "Docker Engine connected" if snap.synced else "Docker Engine lost"
+                self._events.append(Event(next(self._seq), snap.created, "", "", "docker", text))
+                synced = snap.synced
+            previous = snap.endpoints
