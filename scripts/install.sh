@@ -8,8 +8,10 @@ cd "$(dirname "$0")/.."
 source scripts/engine.sh
 
 # docker.io: the engine (started privately only when none answers); busybox-static: test images;
-# bind9-dnsutils: dig; dnsmasq-base: a local upstream for DNS forwarding tests; curl: HTTP client.
-_apt_install ca-certificates docker.io busybox-static bind9-dnsutils dnsmasq-base curl iproute2
+# bind9-dnsutils: dig; dnsmasq-base: a local upstream for DNS forwarding tests; curl: HTTP client;
+# debootstrap: the local stand-in for python:3.11-slim that the image test builds the Dockerfile on.
+_apt_install ca-certificates docker.io busybox-static bind9-dnsutils dnsmasq-base curl iproute2 \
+    debootstrap
 # chromium: the headless browser the status page test drives (Playwright uses it, never its own).
 _apt_install chromium
 
