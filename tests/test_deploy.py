@@ -46,6 +46,7 @@ BASE_RECIPE = "debootstrap-minbase-bookworm-python3-venv-1"
 SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 IMAGE = "stablenet-test/stablenet:latest"
+BUILD_STAGE = "stablenet-test/stablenet:build"
 LOCK = Path(tempfile.gettempdir()) / "stablenet-python-base.lock"
 
 
@@ -283,20 +284,30 @@ def build_context(dest: Path) -> dict[str, str]:
 
 
 def build_image(client: docker.DockerClient, context: Path, args: dict[str, str]) -> Any:
-    """docker build with the classic builder (the Engine API's /build; no BuildKit needed)."""
-    previous = None
-    with contextlib.suppress(docker.errors.ImageNotFound):
-        previous = client.images.get(IMAGE).id
-    try:
-        image, _ = client.images.build(
-            path=str(context), tag=IMAGE, buildargs=args, rm=True, forcerm=True, pull=False
-        )
-    except docker.errors.BuildError as exc:
-        log = "".join(str(chunk.get("stream", chunk.get("error", ""))) for chunk in exc.build_log)
-        pytest.fail(f"docker build failed: {exc.msg}\n{log[-6000:]}", pytrace=False)
-    if previous is not None and previous != image.id:
-        with contextlib.suppress(docker.errors.APIError):
-            client.images.remove(previous)
+    """docker build with the classic builder (the Engine API's /build; no BuildKit needed).
+    The build stage is tagged too, so a rebuild after a change replaces both images instead of
+    leaving untagged ones behind."""
+    image: Any = None
+    for target, tag in (("build", BUILD_STAGE), (None, IMAGE)):
+        previous = None
+        with contextlib.suppress(docker.errors.ImageNotFound):
+            previous = client.images.get(tag).id
+        try:
+            image, _ = client.images.build(
+                path=str(context),
+                tag=tag,
+                target=target,
+                buildargs=args,
+                rm=True,
+                forcerm=True,
+                pull=False,
+            )
+        except docker.errors.BuildError as exc:
+            log = "".join(str(c.get("stream", c.get("error", ""))) for c in exc.build_log)
+            pytest.fail(f"docker build failed: {exc.msg}\n{log[-6000:]}", pytrace=False)
+        if previous is not None and previous != image.id:
+            with contextlib.suppress(docker.errors.APIError):
+                client.images.remove(previous)
     return image
 
 
