@@ -109,16 +109,20 @@ class Upsert:
 
 @dataclass(frozen=True, slots=True)
 class Remove:
-    """The container no longer holds its addresses (died, paused, destroyed, left the network)."""
+    """The container no longer holds its addresses (died, paused, destroyed, left the network).
+    ``at``: the event's time; an endpoint started after it is a newer incarnation (already
+    inspected after a restart) and is kept."""
 
     id: str
+    at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Drain:
-    """The container is being stopped: no new traffic."""
+    """The container is being stopped: no new traffic. ``at`` as for Remove."""
 
     id: str
+    at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

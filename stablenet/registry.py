@@ -102,12 +102,14 @@ class Registry:
                 case Upsert(endpoint=ep):
                     endpoints[ep.id] = _carry_over(endpoints.get(ep.id), ep)
                     problems.pop(ep.id, None)
-                case Remove(id=cid):
-                    endpoints.pop(cid, None)
-                    problems.pop(cid, None)
-                case Drain(id=cid):
-                    if cid in endpoints and not endpoints[cid].draining:
-                        endpoints[cid] = dataclasses.replace(endpoints[cid], draining=True)
+                case Remove(id=cid, at=at):
+                    if not _newer(endpoints.get(cid), at):
+                        endpoints.pop(cid, None)
+                        problems.pop(cid, None)
+                case Drain(id=cid, at=at):
+                    current = endpoints.get(cid)
+                    if current is not None and not current.draining and not _newer(current, at):
+                        endpoints[cid] = dataclasses.replace(current, draining=True)
                 case Resync(endpoints=listed, keep=keep, problems=found):
                     fresh = {cid: ep for cid, ep in endpoints.items() if cid in keep}
                     for ep in listed:
@@ -160,6 +162,12 @@ class Registry:
         raise AssertionError("watch() never ends")
 
 
+def _newer(ep: Endpoint | None, at: float | None) -> bool:
+    """The endpoint started after an event about its container: the event concerns an earlier
+    incarnation (events can be handled after a later inspect, e.g. across a restart)."""
+    return ep is not None and at is not None and ep.started_at > at
+
+
 def _routable(endpoints: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
     """READY endpoints; in panic mode, when none is ready, every endpoint not draining."""
     ready = tuple(e for e in endpoints if e.state is State.READY)
@@ -170,8 +178,13 @@ def _routable(endpoints: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
 
 def _carry_over(old: Endpoint | None, new: Endpoint) -> Endpoint:
     """Keep what other writers set (health verdict, draining) across a fresh inspect of the
-    same container at the same address."""
-    if old is None or old.address != new.address or old.port != new.port:
+    same incarnation of a container at the same address."""
+    if (
+        old is None
+        or old.address != new.address
+        or old.port != new.port
+        or old.started_at != new.started_at  # restarted: a new incarnation starts afresh
+    ):
         return new
     return dataclasses.replace(
         new, verdict=new.verdict or old.verdict, draining=new.draining or old.draining

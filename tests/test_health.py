@@ -44,6 +44,8 @@ def state(snap: Snapshot, name: str) -> State | None:
 async def record_states(registry: Registry, name: str, into: list[State | None]) -> None:
     async for snap in registry.watch(registry.snapshot.version):
         current = state(snap, name)
+        if current is None and not into:
+            continue  # other containers' changes before this one appears
         if not into or into[-1] is not current:
             into.append(current)
 

@@ -160,3 +160,31 @@ async def test_noop_write_wakes_nobody() -> None:
     await asyncio.sleep(0)
     assert woken == [2]
     task.cancel()
+
+
+def test_events_about_an_earlier_incarnation_do_not_touch_a_restarted_one() -> None:
+    """A kill/stop/die handled after the restarted container was already inspected (events
+    queue behind a slow inspect) must not drain or remove the new incarnation."""
+    reg = Registry()
+    reg.apply([Upsert(ep("a", started_at=100.0))])
+    reg.apply([Drain("a", at=150.0)])
+    assert state_of(reg, "a") is State.DRAINING
+    # The restarted container is inspected before the old incarnation's die/stop are handled.
+    reg.apply([Upsert(ep("a", started_at=200.0))])
+    assert state_of(reg, "a") is State.READY  # draining is not carried to a new incarnation
+    reg.apply([Remove("a", at=190.0), Drain("a", at=191.0)])
+    assert state_of(reg, "a") is State.READY
+    # Events about the current incarnation still apply.
+    reg.apply([Drain("a", at=250.0)])
+    assert state_of(reg, "a") is State.DRAINING
+    reg.apply([Remove("a", at=251.0)])
+    assert "a" not in reg.snapshot.endpoints
+
+
+def test_a_restarted_incarnation_needs_a_fresh_verdict() -> None:
+    reg = Registry()
+    reg.apply([Upsert(ep("a", check=CHECK, started_at=100.0))])
+    reg.apply([SetVerdict("a", "10.0.0.2", Verdict(True, "HTTP 200", 101.0))])
+    assert state_of(reg, "a") is State.READY
+    reg.apply([Upsert(ep("a", check=CHECK, started_at=200.0))])
+    assert state_of(reg, "a") is State.STARTING

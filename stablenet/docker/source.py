@@ -255,10 +255,11 @@ class DockerSource:
         )
         if self._touched is not None:
             self._touched.add(cid)
+        at = event_time(event) or None
         if action is Action.DRAIN:
-            self._registry.apply([Drain(cid)])
+            self._registry.apply([Drain(cid, at)])
         elif action is Action.REMOVE:
-            self._registry.apply([Remove(cid)])
+            self._registry.apply([Remove(cid, at)])
         else:
             inspect = await self._inspect(client, cid)
             if self._touched is not None:

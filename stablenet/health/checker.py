@@ -36,6 +36,7 @@ class Target:
     address: str
     port: int
     spec: HealthSpec | None
+    started_at: float = 0.0  # a restarted container is checked afresh
 
 
 class HealthChecker:
@@ -85,7 +86,7 @@ class HealthChecker:
     def _target(self, ep: Endpoint) -> Target | None:
         if ep.port is None:
             return None
-        return Target(ep.id, ep.address, ep.port, ep.check)
+        return Target(ep.id, ep.address, ep.port, ep.check, ep.started_at)
 
     def _sync(self, snap: Snapshot) -> None:
         """Start, restart or stop check tasks so they match the snapshot."""
