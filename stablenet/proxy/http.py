@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from stablenet.model import Endpoint
+from stablenet.model import Endpoint, State
 from stablenet.proxy.balance import sticky_token, target_of
 from stablenet.proxy.http1 import (
     HOP_BY_HOP,
@@ -37,6 +37,7 @@ access_logger = logging.getLogger("stablenet.proxy.access")
 
 PENDING_LIMIT = 256 * 1024  # request body bytes held while no backend is attached
 REPLAY_LIMIT = 64 * 1024  # request body bytes kept so the request can be retried
+SETTLE_EMPTY = 0.25  # seconds to let the registry catch up before forwarding an empty body
 
 # Request body framing
 BODY_NONE, BODY_LENGTH, BODY_CHUNKED = 0, 1, 2
@@ -75,6 +76,8 @@ class Exchange:
         "endpoint",
         "upstream",
         "tried",
+        "retry_delay",
+        "pending_head",
         "fresh_only",
         "race_retried",
         "started",
@@ -117,6 +120,8 @@ class Exchange:
         self.endpoint: Endpoint | None = None
         self.upstream: UpstreamConnection | None = None
         self.tried: set[tuple[str, str, int, float]] = set()
+        self.retry_delay = 0.0
+        self.pending_head: bytes | None = None
         self.fresh_only = False
         self.race_retried = False
         self.started = 0.0
@@ -586,7 +591,12 @@ class ClientConnection(asyncio.Protocol):
         ex.keep_alive = keep
         ex.status = status
         ex.response_started = True
-        self.wbuf.append(b"".join(out))
+        if ex.replayable and ex.method in IDEMPOTENT and not ex.head_request:
+            # Held back until the first body byte (usually in the same read): if the backend
+            # dies before any, nothing reached the client and the request can be retried.
+            ex.pending_head = b"".join(out)
+        else:
+            self.wbuf.append(b"".join(out))
         if status >= 500 and ex.endpoint is not None:
             self.proxy.report(ex.endpoint, False, f"HTTP {status}")
         if ex.head_request:
@@ -594,6 +604,9 @@ class ClientConnection(asyncio.Protocol):
             self.response_done(ex, up)
 
     def response_body(self, ex: Exchange, data: bytes) -> None:
+        if ex.pending_head is not None:
+            self.wbuf.append(ex.pending_head)
+            ex.pending_head = None
         if ex.out_mode == OUT_CHUNKED:
             self.wbuf.append(b"%x\r\n%b\r\n" % (len(data), data))
         else:
@@ -610,6 +623,9 @@ class ClientConnection(asyncio.Protocol):
 
     def response_done(self, ex: Exchange, up: UpstreamConnection) -> None:
         """The backend finished its response."""
+        if ex.pending_head is not None:
+            self.wbuf.append(ex.pending_head)
+            ex.pending_head = None
         if ex.out_mode == OUT_CHUNKED:
             self.wbuf.append(_LAST_CHUNK)
         ep = ex.endpoint
@@ -623,8 +639,15 @@ class ClientConnection(asyncio.Protocol):
             up.transport.close()
         self.finish(ex, close=ex.out_mode == OUT_UNTIL_CLOSE)
 
-    def upstream_lost(self, ex: Exchange, up: UpstreamConnection, exc: Exception | None) -> None:
-        """The backend connection closed while this exchange used it."""
+    def upstream_lost(
+        self,
+        ex: Exchange,
+        up: UpstreamConnection,
+        exc: Exception | None,
+        cut_short: bool = False,
+    ) -> None:
+        """The backend connection closed while this exchange used it. ``cut_short``: only a
+        held-back head had arrived, from a backend that turned out to be dying."""
         ep = ex.endpoint
         proxy = self.proxy
         if ex.tunnel:
@@ -632,6 +655,18 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.close()
             self.finish(ex, close=True)
             return
+        if ex.response_started and ex.pending_head is not None and ex.status >= 200:
+            # Only the head arrived, and the client has seen none of it.
+            close_delimited = ex.out_mode == OUT_UNTIL_CLOSE or up.until_close
+            if close_delimited and not self._endpoint_gone(ep):
+                # An empty close-delimited body, or a backend killed a moment ago whose
+                # kill/die event is still on its way: let the registry settle first.
+                proxy.loop.call_later(SETTLE_EMPTY, self._settle_empty, ex, up, exc)
+                return
+            ex.pending_head = None  # cut short by a dying backend: answer as if never started
+            ex.response_started = False
+            ex.status = 0
+            cut_short = True
         if ex.response_started:
             if ex.status >= 200 and (ex.out_mode == OUT_UNTIL_CLOSE or up.until_close):
                 self.response_done(ex, up)
@@ -656,13 +691,36 @@ class ClientConnection(asyncio.Protocol):
             return
         if ep is not None:
             proxy.report(ep, False, why)
-        if not up.got_bytes and ex.replayable and ex.method in IDEMPOTENT and ep is not None:
+        nothing_forwarded = not up.got_bytes or cut_short
+        if nothing_forwarded and ex.replayable and ex.method in IDEMPOTENT and ep is not None:
             ex.tried.add(target_of(ep))
             proxy.count(ex.service).retries += 1
             logger.debug("retrying %s %s elsewhere: %s", ex.method, ex.service, why)
             proxy.dispatch(ex)
             return
         self.respond(ex, 502, f"bad gateway: {why}")
+
+    def _settle_empty(self, ex: Exchange, up: UpstreamConnection, exc: Exception | None) -> None:
+        if ex.closed:
+            return
+        if self._endpoint_gone(ex.endpoint):
+            ex.pending_head = None
+            ex.response_started = False
+            ex.status = 0
+            self.upstream_lost(ex, up, exc, cut_short=True)
+        else:
+            self.response_done(ex, up)
+
+    def _endpoint_gone(self, ep: Endpoint | None) -> bool:
+        """The endpoint is no longer routed as it was (draining, removed, moved, restarted)."""
+        if ep is None:
+            return True
+        current = self.proxy.registry.snapshot.endpoints.get(ep.id)
+        return (
+            current is None
+            or current.state is not State.READY
+            or target_of(current) != target_of(ep)
+        )
 
     def upstream_garbage(self, ex: Exchange, up: UpstreamConnection, why: str) -> None:
         if ex.endpoint is not None:

@@ -30,6 +30,8 @@ SWEEP_INTERVAL = 0.25  # seconds between timeout sweeps
 POOL_IDLE = 30.0  # seconds an idle backend connection is kept
 DRAIN_GRACE = 10.0  # seconds in-flight requests get to finish on shutdown
 RETRY_AFTER = b"1"
+RETRY_FIRST = 0.05  # seconds before a request that failed on every ready endpoint tries again
+RETRY_MAX = 1.0
 
 OutcomeHook = Callable[[Endpoint, bool, str], None]
 """Called with (endpoint, ok, reason) after each request or connection attempt: ok False for a
@@ -256,7 +258,10 @@ class Proxy:
         if ep is None:
             ep = self.balancer.pick(ex.service, ready, ex.tried)
         if ep is None:
-            self.hold(ex)
+            if ready and ex.tried:
+                self._retry_later(ex)
+            else:
+                self.hold(ex)
             return
         ex.endpoint = ep
         self.balancer.begin(ep)
@@ -323,6 +328,34 @@ class Proxy:
         ex.held = True
         self.waiters.setdefault(ex.service, []).append(ex)
         ex.hold_handle = self.loop.call_at(ex.hold_deadline, self._hold_expired, ex)
+
+    def _retry_later(self, ex: Exchange) -> None:
+        """Every ready endpoint already failed this request (typically a single replica that
+        is back in the registry but not listening yet). Hold it: a new endpoint wakes it at
+        once, and the same ones are tried again after a backoff that doubles up to RETRY_MAX,
+        all within the hold timeout. The registry still holds those addresses for those very
+        containers, so a retry cannot reach a container that took a freed address."""
+        now = self.loop.time()
+        if now >= ex.hold_deadline or self._closing:
+            self._unavailable(ex)
+            return
+        delay = min(ex.retry_delay or RETRY_FIRST, RETRY_MAX, ex.hold_deadline - now)
+        ex.retry_delay = min(delay * 2, RETRY_MAX)
+        if not ex.held:
+            self.count(ex.service).holds += 1
+        ex.held = True
+        waiting = self.waiters.setdefault(ex.service, [])
+        if ex not in waiting:
+            waiting.append(ex)
+        if ex.hold_handle is not None:
+            ex.hold_handle.cancel()
+        ex.hold_handle = self.loop.call_later(delay, self._retry_now, ex)
+
+    def _retry_now(self, ex: Exchange) -> None:
+        ex.hold_handle = None
+        self.unhold(ex)
+        ex.tried.clear()
+        self.dispatch(ex)
 
     def unhold(self, ex: Exchange) -> None:
         ex.held = False
