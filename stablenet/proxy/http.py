@@ -639,15 +639,8 @@ class ClientConnection(asyncio.Protocol):
             up.transport.close()
         self.finish(ex, close=ex.out_mode == OUT_UNTIL_CLOSE)
 
-    def upstream_lost(
-        self,
-        ex: Exchange,
-        up: UpstreamConnection,
-        exc: Exception | None,
-        cut_short: bool = False,
-    ) -> None:
-        """The backend connection closed while this exchange used it. ``cut_short``: only a
-        held-back head had arrived, from a backend that turned out to be dying."""
+    def upstream_lost(self, ex: Exchange, up: UpstreamConnection, exc: Exception | None) -> None:
+        """The backend connection closed while this exchange used it."""
         ep = ex.endpoint
         proxy = self.proxy
         if ex.tunnel:
@@ -666,7 +659,6 @@ class ClientConnection(asyncio.Protocol):
             ex.pending_head = None  # cut short by a dying backend: answer as if never started
             ex.response_started = False
             ex.status = 0
-            cut_short = True
         if ex.response_started:
             if ex.status >= 200 and (ex.out_mode == OUT_UNTIL_CLOSE or up.until_close):
                 self.response_done(ex, up)
@@ -691,8 +683,9 @@ class ClientConnection(asyncio.Protocol):
             return
         if ep is not None:
             proxy.report(ep, False, why)
-        nothing_forwarded = not up.got_bytes or cut_short
-        if nothing_forwarded and ex.replayable and ex.method in IDEMPOTENT and ep is not None:
+        # Nothing reached the client (a partial head from a dying backend is not forwarded):
+        # an idempotent request may go elsewhere.
+        if ex.replayable and ex.method in IDEMPOTENT and ep is not None:
             ex.tried.add(target_of(ep))
             proxy.count(ex.service).retries += 1
             logger.debug("retrying %s %s elsewhere: %s", ex.method, ex.service, why)
@@ -707,7 +700,7 @@ class ClientConnection(asyncio.Protocol):
             ex.pending_head = None
             ex.response_started = False
             ex.status = 0
-            self.upstream_lost(ex, up, exc, cut_short=True)
+            self.upstream_lost(ex, up, exc)
         else:
             self.response_done(ex, up)
 
