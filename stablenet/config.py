@@ -201,6 +201,7 @@ class ProxyConfig:
 class AdminConfig:
     listen: str = _opt("127.0.0.1:9180", _hostport_text)
     token: str = _opt("", _str)
+    metrics: bool = _opt(True, _bool)
 
 
 @dataclass(frozen=True, slots=True)

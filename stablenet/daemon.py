@@ -51,6 +51,7 @@ class Daemon:
                 config.proxy,
                 zone=config.dns.zone,
                 report=lambda ep, ok, why: self.health.report(ep.id, ep.address, ok, why),
+                metrics=config.admin.metrics,
             )
             if config.proxy.enabled
             else None

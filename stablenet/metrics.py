@@ -4,9 +4,7 @@ cost of building metric families is paid by the scraper, not by requests or quer
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -17,51 +15,11 @@ from prometheus_client.core import (
     Metric,
 )
 
+from stablenet.histogram import Histogram
 from stablenet.model import State
 from stablenet.registry import Registry
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-LATENCY_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
-
-
-@dataclass(slots=True)
-class Histogram:
-    """A fixed-bucket histogram that costs one bisect and two adds per observation."""
-
-    bounds: tuple[float, ...] = LATENCY_BUCKETS
-    counts: list[int] = field(default_factory=list)
-    total: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not self.counts:
-            self.counts = [0] * (len(self.bounds) + 1)
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.total += value
-
-    def buckets(self) -> list[tuple[str, float]]:
-        out, running = [], 0
-        for bound, count in zip(self.bounds, self.counts, strict=False):
-            running += count
-            out.append((repr(bound), float(running)))
-        out.append(("+Inf", float(running + self.counts[-1])))
-        return out
 
 
 class Collector:

@@ -9,7 +9,7 @@ import dns.message
 from prometheus_client.parser import text_string_to_metric_families
 
 from stablenet.events import diff
-from stablenet.metrics import Histogram
+from stablenet.histogram import Histogram
 from stablenet.model import Endpoint
 from tests.helpers import Containers, free_port, off_loop
 from tests.test_cli import start_daemon, stop_daemon, wait_for_line
@@ -78,6 +78,16 @@ async def test_metrics_parse_and_move_with_traffic(containers: Containers) -> No
     assert (
         total(after, "stablenet_proxy_requests_total", service="metered")
         - total(before, "stablenet_proxy_requests_total", service="metered")
+        == 4
+    )
+    assert (
+        total(after, "stablenet_proxy_responses_total", service="metered", **{"class": "2xx"})
+        - total(before, "stablenet_proxy_responses_total", service="metered", **{"class": "2xx"})
+        == 4
+    )
+    assert (
+        total(after, "stablenet_proxy_request_duration_seconds_count", service="metered")
+        - total(before, "stablenet_proxy_request_duration_seconds_count", service="metered")
         == 4
     )
     assert total(after, "stablenet_docker_synced") == 1

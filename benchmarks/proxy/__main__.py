@@ -277,11 +277,13 @@ def run_target(target: str, backend: int, work: Path, args: argparse.Namespace) 
         return [measure("direct", backend, None, size, args) for size in SIZES]
     port = free_port()
     env: dict[str, str] = {}
-    if target == "stablenet":
+    if target in ("stablenet", "stablenet-nometrics"):
         argv = [
             sys.executable, "-m", "benchmarks.proxy.serve_stablenet",
             "--listen", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{backend}",
         ]  # fmt: skip
+        if target == "stablenet-nometrics":
+            argv.append("--no-metrics")
     elif target == "nginx":
         conf = work / "nginx-proxy.conf"
         conf.write_text(NGINX_PROXY_CONF.format(dir=work, port=port, backend=backend))
@@ -306,7 +308,7 @@ def report(results: list[Run], args: argparse.Namespace) -> None:
     by = {(r.target, r.size): r for r in results}
     print()
     print(
-        f"{'target':<10} {'size':<6} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'cpu us/req':>10} "
+        f"{'target':<20} {'size':<6} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'cpu us/req':>10} "
         f"{'x nginx':>8} {'p99/nginx':>9}"
     )
     for r in results:
@@ -315,7 +317,7 @@ def report(results: list[Run], args: argparse.Namespace) -> None:
         p99 = f"{r.p99_ms / ref.p99_ms:9.2f}" if ref and ref.p99_ms else f"{'':>9}"
         cpu = f"{r.cpu_us_per_req:10.1f}" if r.cpu_us_per_req else f"{'n/a':>10}"
         print(
-            f"{r.target:<10} {r.size:<6} {r.rps:9.0f} {r.p50_ms:7.2f} {r.p99_ms:7.2f} {cpu} "
+            f"{r.target:<20} {r.size:<6} {r.rps:9.0f} {r.p50_ms:7.2f} {r.p99_ms:7.2f} {cpu} "
             f"{ratio} {p99}"
         )
     for size in SIZES:

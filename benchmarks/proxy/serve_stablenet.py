@@ -20,7 +20,7 @@ from stablenet.registry import Registry
 from stablenet.units import parse_hostport
 
 
-async def serve(listen: str, backend: str) -> None:
+async def serve(listen: str, backend: str, metrics: bool) -> None:
     host, port = parse_hostport(backend)
     registry = Registry()
     registry.apply(
@@ -36,7 +36,7 @@ async def serve(listen: str, backend: str) -> None:
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    async with Proxy(registry, config, report=hook):
+    async with Proxy(registry, config, report=hook, metrics=metrics):
         await stop.wait()
 
 
@@ -44,9 +44,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--listen", required=True)
     parser.add_argument("--backend", required=True)
+    parser.add_argument("--no-metrics", action="store_true", help="admin.metrics = false")
     args = parser.parse_args()
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(args.listen, args.backend))
+        runner.run(serve(args.listen, args.backend, not args.no_metrics))
 
 
 if __name__ == "__main__":

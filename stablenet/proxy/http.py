@@ -78,6 +78,7 @@ class Exchange:
         "tried",
         "retry_delay",
         "pending_head",
+        "hold_started",
         "fresh_only",
         "race_retried",
         "started",
@@ -122,6 +123,7 @@ class Exchange:
         self.tried: set[tuple[str, str, int, float]] = set()
         self.retry_delay = 0.0
         self.pending_head: bytes | None = None
+        self.hold_started = 0.0
         self.fresh_only = False
         self.race_retried = False
         self.started = 0.0
@@ -479,6 +481,8 @@ class ClientConnection(asyncio.Protocol):
         self.flush()
         proxy = self.proxy
         proxy.release(ex)
+        if proxy.metrics and ex.service:
+            proxy.record(ex)
         ex.upstream = None
         if proxy.access_log:
             ep = ex.endpoint

@@ -15,6 +15,7 @@ from typing import Any
 
 from stablenet.config import ProxyConfig
 from stablenet.errors import StartupError
+from stablenet.histogram import Histogram
 from stablenet.model import Endpoint
 from stablenet.proxy import vip
 from stablenet.proxy.balance import Balancer, sticky_token, target_of
@@ -30,6 +31,7 @@ SWEEP_INTERVAL = 0.25  # seconds between timeout sweeps
 POOL_IDLE = 30.0  # seconds an idle backend connection is kept
 DRAIN_GRACE = 10.0  # seconds in-flight requests get to finish on shutdown
 RETRY_AFTER = b"1"
+STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 RETRY_FIRST = 0.05  # seconds before a request that failed on every ready endpoint tries again
 RETRY_MAX = 1.0
 
@@ -81,6 +83,7 @@ class Proxy:
         config: ProxyConfig,
         zone: str = "stablenet.internal",
         report: OutcomeHook = no_outcome,
+        metrics: bool = True,
     ) -> None:
         self.registry = registry
         self.config = config
@@ -106,6 +109,10 @@ class Proxy:
         self.pools: dict[tuple[str, str, int], list[UpstreamConnection]] = {}
         self.waiters: dict[str, list[Exchange]] = {}
         self.counters: dict[str, Counters] = {}
+        self.metrics = metrics
+        self.responses: dict[tuple[str, str, str], int] = {}  # (service, endpoint, class)
+        self.latency: dict[str, Histogram] = {}
+        self.hold_time: dict[str, Histogram] = {}
         self._routes = Routes(-1)
         self._tokens: dict[str, str] = {}
         self._servers: list[asyncio.Server] = []
@@ -244,6 +251,29 @@ class Proxy:
             token = self._tokens[ep.id] = sticky_token(ep)
         return token
 
+    def record(self, ex: Exchange) -> None:
+        """Response counts by status class and latency, per service (metrics)."""
+        ep = ex.endpoint
+        key = (
+            ex.service,
+            ep.name if ep is not None else "-",
+            STATUS_CLASS.get(ex.status // 100, "none"),
+        )
+        self.responses[key] = self.responses.get(key, 0) + 1
+        hist = self.latency.get(ex.service)
+        if hist is None:
+            hist = self.latency[ex.service] = Histogram()
+        hist.observe(self.loop.time() - ex.started)
+
+    def _held_for(self, ex: Exchange) -> None:
+        """The request leaves the hold (routed, or answered 503): record how long it waited."""
+        if ex.hold_started and self.metrics:
+            hist = self.hold_time.get(ex.service)
+            if hist is None:
+                hist = self.hold_time[ex.service] = Histogram()
+            hist.observe(self.loop.time() - ex.hold_started)
+        ex.hold_started = 0.0
+
     def dispatch(self, ex: Exchange) -> None:
         """Send the exchange to a ready endpoint it has not failed on, or hold it."""
         if ex.closed:
@@ -263,6 +293,8 @@ class Proxy:
             else:
                 self.hold(ex)
             return
+        if ex.hold_started:
+            self._held_for(ex)
         ex.endpoint = ep
         self.balancer.begin(ep)
         ex.counted = True
@@ -324,6 +356,8 @@ class Proxy:
             return
         if not ex.held:
             self.count(ex.service).holds += 1
+            if not ex.hold_started:
+                ex.hold_started = now
             logger.debug("holding a request for %s: no ready endpoint", ex.service)
         ex.held = True
         self.waiters.setdefault(ex.service, []).append(ex)
@@ -343,6 +377,8 @@ class Proxy:
         ex.retry_delay = min(delay * 2, RETRY_MAX)
         if not ex.held:
             self.count(ex.service).holds += 1
+            if not ex.hold_started:
+                ex.hold_started = now
         ex.held = True
         waiting = self.waiters.setdefault(ex.service, [])
         if ex not in waiting:
@@ -374,6 +410,7 @@ class Proxy:
         self._unavailable(ex)
 
     def _unavailable(self, ex: Exchange) -> None:
+        self._held_for(ex)
         ex.conn.respond(
             ex,
             503,
