@@ -56,6 +56,15 @@ class Daemon:
             if config.proxy.enabled
             else None
         )
+        if self.dns is not None and self.proxy is not None:
+            # A service with a dedicated proxy listener is answered with that stable address.
+            self.dns.set_stable_addresses(
+                {
+                    listener.service: (listener.host,)
+                    for listener in self.proxy.listeners
+                    if listener.service and listener.host not in ("0.0.0.0", "::")
+                }
+            )
         self.events = EventLog(self.registry)
         self.collector = Collector(
             self.registry, source=self.source, health=self.health, dns=self.dns, proxy=self.proxy

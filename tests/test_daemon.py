@@ -1,0 +1,32 @@
+"""Daemon wiring: what the parts learn from each other's configuration."""
+
+from __future__ import annotations
+
+from stablenet import config
+from stablenet.daemon import Daemon
+from tests.test_dns_core import LOOPBACK, addresses, ask, web_registry
+
+
+def test_dedicated_proxy_listener_gives_the_service_a_stable_dns_answer() -> None:
+    cfg = config.parse(
+        '[dns]\nlisten = ["127.0.0.1:15353"]\n'
+        '[proxy]\nlisten = "127.0.0.1:18080"\n'
+        'listeners = ["web=http:169.254.100.9:80", "db=tcp:0.0.0.0:5432"]\n',
+        env={},
+    )
+    reg = web_registry()
+    daemon = Daemon(cfg, registry=reg)
+    assert daemon.dns is not None
+    resolver = daemon.dns.resolver
+    resolver.set_allow(LOOPBACK)  # the server sets it when it starts listening
+    assert addresses(ask(resolver, reg.snapshot, "web.stablenet.internal")) == {"169.254.100.9"}
+    # A wildcard listener has no single address to give: the endpoints are answered.
+    assert addresses(ask(resolver, reg.snapshot, "db.stablenet.internal")) == {"172.17.0.9"}
+
+
+def test_disabled_parts_are_not_built() -> None:
+    cfg = config.parse("[dns]\nenabled = false\n[proxy]\nenabled = false\n", env={})
+    daemon = Daemon(cfg)
+    assert daemon.dns is None and daemon.proxy is None
+    assert [type(x).__name__ for x in daemon.listeners()] == ["AdminServer"]
+    assert set(daemon.loops()) == {"docker-source", "health", "events"}
