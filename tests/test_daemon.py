@@ -1,4 +1,5 @@
-"""Daemon wiring: what the parts learn from each other's configuration."""
+"""Daemon wiring: what the parts learn from each other's configuration. The daemon is built
+inside a running loop, as `stablenet run` builds it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from stablenet.daemon import Daemon
 from tests.test_dns_core import LOOPBACK, addresses, ask, web_registry
 
 
-def test_dedicated_proxy_listener_gives_the_service_a_stable_dns_answer() -> None:
+async def test_dedicated_proxy_listener_gives_the_service_a_stable_dns_answer() -> None:
     cfg = config.parse(
         '[dns]\nlisten = ["127.0.0.1:15353"]\n'
         '[proxy]\nlisten = "127.0.0.1:18080"\n'
@@ -24,7 +25,7 @@ def test_dedicated_proxy_listener_gives_the_service_a_stable_dns_answer() -> Non
     assert addresses(ask(resolver, reg.snapshot, "db.stablenet.internal")) == {"172.17.0.9"}
 
 
-def test_disabled_parts_are_not_built() -> None:
+async def test_disabled_parts_are_not_built() -> None:
     cfg = config.parse("[dns]\nenabled = false\n[proxy]\nenabled = false\n", env={})
     daemon = Daemon(cfg)
     assert daemon.dns is None and daemon.proxy is None
