@@ -8,13 +8,13 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from types import TracebackType
 from typing import Any
 
 from aiohttp import web
 
 from stablenet.errors import StartupError
 from stablenet.events import EventLog
+from stablenet.lifecycle import Server
 from stablenet.model import Endpoint
 from stablenet.registry import Registry, Snapshot
 from stablenet.status import PAGE
@@ -81,7 +81,7 @@ def services_json(snap: Snapshot, now: float) -> dict[str, Any]:
     }
 
 
-class AdminServer:
+class AdminServer(Server):
     """The admin HTTP server as an async context manager. Other parts may add routes before
     it starts (``add_get``)."""
 
@@ -164,7 +164,7 @@ class AdminServer:
     async def _status_page(self, request: web.Request) -> web.Response:
         return web.Response(text=PAGE, content_type="text/html")
 
-    async def __aenter__(self) -> AdminServer:
+    async def start(self) -> None:
         runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, self._host, self._port, reuse_address=True)
@@ -179,14 +179,8 @@ class AdminServer:
         if runner.addresses:
             self.port = int(runner.addresses[0][1])
         logger.info("admin API listening on %s:%d", self._host, self.port)
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

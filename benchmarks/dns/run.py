@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.dns.serve import names
+from benchmarks.processes import stop
 from tests.helpers import free_port
 
 ZONE = "stablenet.internal"
@@ -52,13 +53,7 @@ def process(argv: list[str], ready: str | None = None) -> Iterator[subprocess.Po
                 raise RuntimeError(f"{argv[0]} did not start: {line!r}")
         yield proc
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop(proc)
         if proc.stdout is not None:
             proc.stdout.close()
 

@@ -28,6 +28,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from benchmarks.processes import stop
+
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 HOST = "web.stablenet.internal"
 PROXY_CPU = "0"
@@ -174,13 +176,7 @@ def process(
     try:
         yield proc.pid
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop(proc)
 
 
 def parse_ms(text: str) -> float:

@@ -14,7 +14,6 @@ import struct
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, cast
 
 from stablenet.config import DnsConfig
@@ -24,6 +23,7 @@ from stablenet.dns.forward import Forwarder, parse_upstream, resolv_conf_upstrea
 from stablenet.dns.stats import DnsStats
 from stablenet.dns.zone import ZoneSettings
 from stablenet.errors import StartupError
+from stablenet.lifecycle import Server
 from stablenet.registry import Registry
 from stablenet.units import parse_hostport, parse_network
 
@@ -105,7 +105,7 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         logger.debug("DNS UDP socket error: %s", exc)
 
 
-class DnsServer:
+class DnsServer(Server):
     """UDP + TCP DNS on the configured addresses. ``bound`` lists (host, port) once started."""
 
     def __init__(
@@ -139,7 +139,7 @@ class DnsServer:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    async def __aenter__(self) -> DnsServer:
+    async def start(self) -> None:
         networks = await self._engine_networks() if self._needs_engine() else None
         addresses = listen_addresses(
             self.config.listen, networks.bridge_gateway if networks else None
@@ -168,14 +168,8 @@ class DnsServer:
             self.config.zone,
             ", ".join(str(u) for u in self.forwarder.upstreams) or "none",
         )
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def stop(self) -> None:
         await self._close()
 
     def _needs_engine(self) -> bool:

@@ -10,12 +10,12 @@ import contextlib
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 from stablenet.config import ProxyConfig
 from stablenet.errors import StartupError
 from stablenet.histogram import Histogram
+from stablenet.lifecycle import Server
 from stablenet.model import Endpoint
 from stablenet.proxy import vip
 from stablenet.proxy.balance import Balancer, sticky_token, target_of
@@ -74,7 +74,7 @@ class Listener:
         return cls(host, port, kind, service, f"proxy.listeners ({spec})")
 
 
-class Proxy:
+class Proxy(Server):
     """Everything the proxy's connections share. Enter it to listen; leave it to drain."""
 
     def __init__(
@@ -124,7 +124,7 @@ class Proxy:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    async def __aenter__(self) -> Proxy:
+    async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         try:
             for listener in self.listeners:
@@ -135,14 +135,8 @@ class Proxy:
         self.spawn(self._sweep(), name="proxy-sweep")
         self.routes()
         self.spawn(self._watch(self.registry.snapshot.version), name="proxy-watch")
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def stop(self) -> None:
         await self._shutdown()
 
     async def _listen(self, listener: Listener) -> None:
