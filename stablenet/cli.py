@@ -4,6 +4,7 @@ and exits; everything it does is a call into the library."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
@@ -72,7 +73,7 @@ def _run(args: argparse.Namespace) -> int:
     except StartupError as exc:
         print(f"stablenet: cannot start: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):  # a forced stop (second Ctrl-C)
         return 130
     return 0
 

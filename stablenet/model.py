@@ -65,6 +65,7 @@ class Endpoint:
     draining: bool = False
     verdict: Verdict | None = None
     panic: bool = False  # route to every running endpoint when none of the service is ready
+    stop_signal: str = ""  # the image's STOPSIGNAL when it is not SIGTERM (e.g. SIGWINCH)
 
     @property
     def state(self) -> State:

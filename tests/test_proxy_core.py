@@ -115,3 +115,10 @@ def test_zone_name_wins_over_another_services_label() -> None:
     )
     routes = build_routes(registry.snapshot, "z", None, now=0.0)
     assert routes.service_for("web.z") == "web"
+
+
+def test_p2c_with_only_weight_zero_endpoints_still_picks() -> None:
+    balancer = Balancer("p2c", random.Random(3))
+    ready = [ep(i, weight=0) for i in range(1, 4)]
+    picked = {balancer.pick("web", ready, set()).id for _ in range(60)}  # type: ignore[union-attr]
+    assert picked <= {e.id for e in ready} and len(picked) > 1

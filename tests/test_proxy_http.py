@@ -342,6 +342,22 @@ async def test_pipelined_requests_answered_in_order(one_backend: tuple[Registry,
     assert codes == [b"201", b"202", b"203", b"200"]
 
 
+async def test_a_long_pipeline_is_read_in_steps_and_fully_answered(
+    one_backend: tuple[Registry, int],
+) -> None:
+    """Far more pipelined requests than the proxy queues at once: reading pauses and resumes,
+    and every request is answered, in order."""
+    registry, _ = one_backend
+    async with running_proxy(registry) as (_, url):
+        one = b"GET /status?code=%d HTTP/1.1\r\nHost: " + HOST.encode() + b"\r\n\r\n"
+        codes_sent = [200 + i % 50 for i in range(150)]
+        data = b"".join(one % code for code in codes_sent)
+        data += b"GET / HTTP/1.1\r\nHost: " + HOST.encode() + b"\r\nConnection: close\r\n\r\n"
+        answer = await exchange_raw(url, data)
+    codes = [int(c) for c in re.findall(rb"HTTP/1.1 (\d{3}) ", answer)]
+    assert codes == [*codes_sent, 200]
+
+
 async def test_backend_response_timeout_is_504() -> None:
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")

@@ -15,6 +15,8 @@ from stablenet.docker.translate import (
     classify,
     endpoint_from_inspect,
     event_time,
+    is_stop_signal,
+    signal_number,
 )
 from stablenet.model import State
 
@@ -105,6 +107,9 @@ def test_port_label_wins_over_exposed() -> None:
         ("stablenet.health.path", "healthz", "expected a path starting with /"),
         ("stablenet.health.paht", "/x", "unknown health label"),
         ("stablenet.http.host", "bad host!", "'bad host!' is not a host name"),
+        ("stablenet.health.rise", "\u00b2", "expected a whole number from 1 to 100"),
+        ("stablenet.health.status", "\u00b2\u00b2\u00b2", "expected a status or range"),
+        ("stablenet.health.path", "/\u20ac", "expected a path starting with / (ASCII"),
     ],
 )
 def test_bad_labels_name_container_label_and_value(label: str, value: str, expected: str) -> None:
@@ -190,7 +195,8 @@ def event(kind: str, action: str, cid: str = "abc", **attrs: str) -> dict[str, A
     [
         (event("container", "kill", signal="15"), (Action.DRAIN, "abc")),
         (event("container", "kill", signal="9"), (Action.DRAIN, "abc")),
-        (event("container", "kill", signal="1"), None),  # HUP: a reload, not a stop
+        # HUP: a stop only if it is the container's own STOPSIGNAL (checked by the source)
+        (event("container", "kill", signal="1"), (Action.SIGNAL, "abc")),
         (event("container", "stop"), (Action.DRAIN, "abc")),
         (event("container", "die", exitCode="0"), (Action.REMOVE, "abc")),
         (event("container", "destroy"), (Action.REMOVE, "abc")),
@@ -210,6 +216,16 @@ def event(kind: str, action: str, cid: str = "abc", **attrs: str) -> dict[str, A
 )
 def test_classify_events(evt: dict[str, Any], expected: tuple[Action, str] | None) -> None:
     assert classify(evt) == expected
+
+
+def test_stop_signal_matching() -> None:
+    assert signal_number("SIGWINCH") == signal_number("WINCH") == signal_number("28") == 28
+    assert signal_number("NOPE") is None
+    assert is_stop_signal(event("container", "kill", signal="28"), "SIGWINCH")
+    assert not is_stop_signal(event("container", "kill", signal="1"), "SIGWINCH")
+    assert not is_stop_signal(event("container", "kill", signal="28"), "")
+    ep = endpoint_from_inspect(inspect() | {"Config": {"StopSignal": "SIGWINCH"}}, SETTINGS)
+    assert ep is not None and ep.stop_signal == "SIGWINCH"
 
 
 def test_event_time_prefers_nanoseconds() -> None:

@@ -303,7 +303,8 @@ class DnsServer(Server):
                         return  # not even a header: nothing more will make sense
                     continue
                 writer.write(struct.pack("!H", len(out)) + out)
-                await writer.drain()
+                async with asyncio.timeout(TCP_IDLE):  # a client that never reads is dropped
+                    await writer.drain()
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:

@@ -31,6 +31,7 @@ from stablenet.docker.translate import (
     container_name,
     endpoint_from_inspect,
     event_time,
+    is_stop_signal,
 )
 from stablenet.model import Change, Drain, Endpoint, Problem, Remove, Resync, SetSynced, Upsert
 from stablenet.registry import Registry
@@ -212,6 +213,9 @@ class DockerSource:
                     except LabelError as exc:
                         problems[cid] = str(exc)
                         continue
+                    except Exception as exc:  # odd JSON must not stop the sync of the rest
+                        problems[cid] = _unreadable(inspect, exc)
+                        continue
                     if ep is not None:
                         endpoints.append(ep)
                 keep = frozenset(self._touched)
@@ -256,7 +260,11 @@ class DockerSource:
         if self._touched is not None:
             self._touched.add(cid)
         at = event_time(event) or None
-        if action is Action.DRAIN:
+        if action is Action.SIGNAL:
+            ep = self._registry.snapshot.endpoints.get(cid)
+            if ep is not None and is_stop_signal(event, ep.stop_signal):
+                self._registry.apply([Drain(cid, at)])
+        elif action is Action.DRAIN:
             self._registry.apply([Drain(cid, at)])
         elif action is Action.REMOVE:
             self._registry.apply([Remove(cid, at)])
@@ -278,6 +286,10 @@ class DockerSource:
             if self._registry.snapshot.problems.get(cid) != str(exc):
                 logger.warning("%s; skipping it", exc)
             return Problem(cid, str(exc))
+        except Exception as exc:  # odd JSON must not stop the event stream
+            message = _unreadable(inspect, exc)
+            logger.warning("%s; skipping it", message, exc_info=True)
+            return Problem(cid, message)
         if ep is None:
             logger.debug("container %s provides no endpoint", container_name(inspect))
             return Remove(cid)
@@ -308,6 +320,14 @@ def _close_quietly(closable: Any) -> None:
         closable.close()
     except Exception:  # closing a broken connection may fail; nothing to do about it
         logger.debug("close failed", exc_info=True)
+
+
+def _unreadable(inspect: Mapping[str, Any], exc: Exception) -> str:
+    try:
+        name = container_name(inspect)
+    except Exception:  # the name itself may be what is broken
+        name = "?"
+    return f"container {name}: cannot read its inspect data ({type(exc).__name__}: {exc})"
 
 
 def _unwrap(exc: BaseException) -> BaseException:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import re
+import signal as signal_module
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -159,6 +160,7 @@ def endpoint_from_inspect(inspect: Mapping[str, Any], settings: Settings) -> End
         check=check,
         docker_health=str(health) if health in ("starting", "healthy", "unhealthy") else None,
         panic=panic,
+        stop_signal=str(config.get("StopSignal") or ""),
     )
 
 
@@ -208,7 +210,7 @@ def _lowest_exposed_port(exposed: Mapping[str, Any]) -> int | None:
     ports = []
     for spec in exposed:
         number, _, proto = str(spec).partition("/")
-        if proto in ("", "tcp") and number.isdigit():
+        if proto in ("", "tcp") and number.isascii() and number.isdigit():
             ports.append(int(number))
     return min(ports) if ports else None
 
@@ -225,8 +227,10 @@ def _health_spec(labels: Mapping[str, str], defaults: HealthConfig, bad: Any) ->
                 "host or panic",
             )
     path = labels.get(LABEL + "health.path")
-    if path is not None and not path.startswith("/"):
-        raise bad(LABEL + "health.path", "expected a path starting with /")
+    if path is not None and (
+        not path.startswith("/") or not path.isascii() or not path.isprintable() or " " in path
+    ):
+        raise bad(LABEL + "health.path", "expected a path starting with / (ASCII, no spaces)")
     values: dict[str, Any] = {}
     for key, default in (("interval", defaults.interval), ("timeout", defaults.timeout)):
         label = f"{LABEL}health.{key}"
@@ -243,7 +247,7 @@ def _health_spec(labels: Mapping[str, str], defaults: HealthConfig, bad: Any) ->
         label = f"{LABEL}health.{key}"
         if label in labels:
             text = labels[label].strip()
-            if not text.isdigit() or not 1 <= int(text) <= 100:
+            if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 100:
                 raise bad(label, "expected a whole number from 1 to 100")
             values[key] = int(text)
         else:
@@ -254,7 +258,8 @@ def _health_spec(labels: Mapping[str, str], defaults: HealthConfig, bad: Any) ->
     if status is not None:
         low, _, high = status.strip().partition("-")
         high = high or low
-        if not (low.isdigit() and high.isdigit() and 100 <= int(low) <= int(high) <= 599):
+        digits = (low + high).isascii() and low.isdigit() and high.isdigit()
+        if not (digits and 100 <= int(low) <= int(high) <= 599):
             raise bad(LABEL + "health.status", "expected a status or range such as 200 or 200-399")
         values["status_min"], values["status_max"] = int(low), int(high)
     host = labels.get(LABEL + "health.host")
@@ -284,6 +289,7 @@ class Action(enum.Enum):
     DRAIN = "drain"
     REMOVE = "remove"
     INSPECT = "inspect"
+    SIGNAL = "signal"  # another signal: a stop only if it is the container's own STOPSIGNAL
 
 
 _CONTAINER_ACTIONS = {
@@ -313,13 +319,32 @@ def classify(event: Mapping[str, Any]) -> tuple[Action, str] | None:
             return None
         if verb == "kill":
             signal = str(attrs.get("signal", "")).upper()
-            return (Action.DRAIN, cid) if signal in _STOP_SIGNALS or not signal else None
+            return (Action.DRAIN if signal in _STOP_SIGNALS or not signal else Action.SIGNAL, cid)
         what = _CONTAINER_ACTIONS.get(verb)
         return (what, cid) if what is not None else None
     if kind == "network" and action in ("connect", "disconnect"):
         cid = str(attrs.get("container") or "")
         return (Action.INSPECT, cid) if cid else None
     return None
+
+
+def signal_number(text: str) -> int | None:
+    """'SIGWINCH', 'WINCH' or '28' -> 28; None when it names no signal."""
+    text = text.strip().upper()
+    if text.isascii() and text.isdigit():
+        return int(text)
+    name = text if text.startswith("SIG") else "SIG" + text
+    try:
+        return int(signal_module.Signals[name])
+    except KeyError:
+        return None
+
+
+def is_stop_signal(event: Mapping[str, Any], stop_signal: str) -> bool:
+    """A kill event whose signal is the container's own STOPSIGNAL (docker stop sends it)."""
+    attrs = (event.get("Actor") or {}).get("Attributes") or {}
+    sent = signal_number(str(attrs.get("signal", "")))
+    return bool(stop_signal) and sent is not None and sent == signal_number(stop_signal)
 
 
 def event_time(event: Mapping[str, Any]) -> float:

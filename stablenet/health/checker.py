@@ -141,7 +141,11 @@ class HealthChecker:
         try:
             while True:
                 await asyncio.sleep(delay)
-                result = await self._probe(target.address, target.port, spec, timeout)
+                try:
+                    result = await self._probe(target.address, target.port, spec, timeout)
+                except Exception as exc:  # a probe bug must not take the checker down
+                    logger.exception("health probe of %s failed", target.id[:12])
+                    result = ProbeResult(False, f"probe error: {type(exc).__name__}")
                 self.checks += 1
                 now = self._now()
                 before = state.health

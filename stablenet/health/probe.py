@@ -69,7 +69,7 @@ async def probe(address: str, port: int, spec: HealthSpec | None, within: float)
         host = spec.host or (f"[{address}]" if ":" in address else address)
         request = (
             f"GET {spec.path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: stablenet-health\r\n"
-            "Accept: */*\r\nConnection: close\r\n\r\n".encode("latin-1")
+            "Accept: */*\r\nConnection: close\r\n\r\n".encode("latin-1", "replace")
         )
     transport: asyncio.BaseTransport | None = None
     try:
@@ -96,9 +96,12 @@ async def probe(address: str, port: int, spec: HealthSpec | None, within: float)
 
 def _judge(line: bytes, spec: HealthSpec) -> ProbeResult:
     parts = line[:_MAX_STATUS_LINE].decode("latin-1").split(None, 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+    if len(parts) < 2:
         return ProbeResult(False, "malformed response: not an HTTP status line")
-    code = int(parts[1])
+    code_text = parts[1]
+    if not (parts[0].startswith("HTTP/") and code_text.isascii() and code_text.isdigit()):
+        return ProbeResult(False, "malformed response: not an HTTP status line")
+    code = int(code_text)
     if spec.status_min <= code <= spec.status_max:
         return ProbeResult(True, f"HTTP {code}")
     return ProbeResult(False, f"HTTP {code} (expected {spec.status_min}-{spec.status_max})")

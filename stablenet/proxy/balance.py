@@ -79,8 +79,11 @@ class Balancer:
         return (self.inflight.get(ep.id, 0) + 1) / max(ep.weight, 1)
 
     def _p2c(self, ready: Sequence[Endpoint], weighted: bool) -> Endpoint:
+        weights = [max(ep.weight, 0) for ep in ready] if weighted else []
+        if weighted and not any(weights):
+            weighted = False  # only weight-0 endpoints are left: treat them alike
         if weighted:
-            a, b = self._rng.choices(ready, weights=[max(ep.weight, 0) for ep in ready], k=2)
+            a, b = self._rng.choices(ready, weights=weights, k=2)
             if a is b:
                 return a
         else:

@@ -37,6 +37,7 @@ access_logger = logging.getLogger("stablenet.proxy.access")
 
 PENDING_LIMIT = 256 * 1024  # request body bytes held while no backend is attached
 REPLAY_LIMIT = 64 * 1024  # request body bytes kept so the request can be retried
+MAX_PIPELINED = 32  # pipelined requests a client may have waiting before we stop reading
 SETTLE_EMPTY = 0.25  # seconds to let the registry catch up before forwarding an empty body
 
 # Request body framing
@@ -160,6 +161,7 @@ class ClientConnection(asyncio.Protocol):
         "deadline_kind",
         "paused_for_upstream",
         "paused_for_buffer",
+        "paused_for_queue",
         "write_paused",
         "tunnel_to",
         "closing",
@@ -180,6 +182,7 @@ class ClientConnection(asyncio.Protocol):
         self.deadline_kind = DEADLINE_NONE
         self.paused_for_upstream = False
         self.paused_for_buffer = False
+        self.paused_for_queue = False  # too many pipelined requests waiting
         self.write_paused = False
         self.tunnel_to: UpstreamConnection | None = None
         self.closing = False
@@ -258,6 +261,10 @@ class ClientConnection(asyncio.Protocol):
         ex = Exchange(self)
         self.reading = ex
         self.queue.append(ex)
+        if len(self.queue) > MAX_PIPELINED and not self.paused_for_queue:
+            self.paused_for_queue = True  # read no more until the backlog is answered
+            if self.transport is not None:
+                self.transport.pause_reading()
         self.head_size = 0
         self.raw_pending = 0
         if len(self.queue) == 1:
@@ -375,6 +382,7 @@ class ClientConnection(asyncio.Protocol):
         up = ex.upstream
         if up is not None and up.transport is not None:
             up.transport.write(data)
+            up.deadline = self.proxy.loop.time() + self.proxy.response_timeout  # still uploading
             if ex.replayable:
                 ex.buffered.append(data)
                 ex.buffered_size += len(data)
@@ -440,7 +448,11 @@ class ClientConnection(asyncio.Protocol):
             transport.write(ex.head)
         if self.paused_for_buffer:
             self.paused_for_buffer = False
-            if self.transport is not None and not self.paused_for_upstream:
+            if (
+                self.transport is not None
+                and not self.paused_for_upstream
+                and not self.paused_for_queue
+            ):
                 self.transport.resume_reading()
         if self.write_paused:
             transport.pause_reading()
@@ -506,9 +518,13 @@ class ClientConnection(asyncio.Protocol):
             self.closing = True
             transport.close()
             return
+        if self.paused_for_queue and len(self.queue) <= MAX_PIPELINED // 2:
+            self.paused_for_queue = False
+            if not self.paused_for_buffer and not self.paused_for_upstream:
+                transport.resume_reading()
         if self.paused_for_upstream:
             self.paused_for_upstream = False
-            if not self.paused_for_buffer:
+            if not self.paused_for_buffer and not self.paused_for_queue:
                 transport.resume_reading()
         if self.queue:
             nxt = self.queue[0]
@@ -637,6 +653,7 @@ class ClientConnection(asyncio.Protocol):
         reusable = ex.body_done and not up.until_close and up.parser.should_keep_alive()
         if ep is not None and ex.status < 500:
             self.proxy.report(ep, True, "ok")
+        self.flush()  # before the pool: a write that pauses the backend must not follow it there
         if reusable and ep is not None:
             self.proxy.pool_put(ep, up)
         elif up.transport is not None:
@@ -907,7 +924,7 @@ class UpstreamConnection(asyncio.Protocol):
         client = ex.conn if ex is not None else self.tunnel_to
         if client is not None and client.transport is not None:
             client.paused_for_upstream = False
-            if not client.paused_for_buffer:
+            if not client.paused_for_buffer and not client.paused_for_queue:
                 client.transport.resume_reading()
 
     # -- llhttp callbacks ---------------------------------------------------------------------
@@ -959,6 +976,10 @@ class UpstreamConnection(asyncio.Protocol):
                 transport.close()  # idle in the pool too long
             return
         if ex.tunnel:
+            return
+        if ex.conn.write_paused:
+            # Our own flow control stopped reading (a slow client), not the backend.
+            self.deadline = now + self.proxy.response_timeout
             return
         self.exchange = None
         if transport is not None:

@@ -330,7 +330,7 @@ class Proxy(Server):
             return
         ex.connecting = False
         current = self.registry.snapshot.endpoints.get(ep.id)
-        if ex.closed or current is None or current.address != ep.address:
+        if ex.closed or current is None or current.address != ep.address or current.draining:
             if current is not None and current.address == ep.address:
                 self.pool_put(ep, up)
             elif up.transport is not None:
@@ -441,6 +441,7 @@ class Proxy(Server):
             up = pool.pop()
             transport = up.transport
             if transport is not None and not transport.is_closing():
+                transport.resume_reading()  # a slow client may have paused it on its last use
                 return up
         return None
 
