@@ -13,7 +13,8 @@ import signal
 
 import uvloop
 
-from stablenet.config import ProxyConfig
+from stablenet.config import HealthConfig, ProxyConfig
+from stablenet.health.checker import HealthChecker
 from stablenet.model import Endpoint, Upsert
 from stablenet.proxy import Proxy
 from stablenet.registry import Registry
@@ -26,10 +27,10 @@ async def serve(listen: str, backend: str, metrics: bool) -> None:
     registry.apply(
         [Upsert(Endpoint("b" * 64, "bench-1", "web", host, port, "bench", started_at=1.0))]
     )
-    outcomes = {"ok": 0, "failed": 0}
+    health = HealthChecker(registry, HealthConfig())  # passive health, as the daemon wires it
 
-    def hook(ep: Endpoint, ok: bool, why: str) -> None:  # stands in for passive health
-        outcomes["ok" if ok else "failed"] += 1
+    def hook(ep: Endpoint, ok: bool, why: str) -> None:
+        health.report(ep.id, ep.address, ok, why)
 
     config = dataclasses.replace(ProxyConfig(), listen=listen)
     stop = asyncio.Event()

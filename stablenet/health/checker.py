@@ -61,6 +61,7 @@ class HealthChecker:
         self._states: dict[str, tuple[Target, EndpointHealth]] = {}
         self._tasks: dict[str, tuple[Target, asyncio.Task[None]]] = {}
         self._group: asyncio.TaskGroup | None = None
+        self._suspect: set[str] = set()  # endpoints with failed requests on record
         self.checks = 0
         self.transitions = 0
 
@@ -162,7 +163,10 @@ class HealthChecker:
 
     def report(self, endpoint_id: str, address: str, ok: bool, reason: str = "") -> None:
         """A proxied request's outcome (ok, or a connection failure / 5xx). Cheap and
-        synchronous: called on the data path."""
+        synchronous: called on the data path, so a success for an endpoint with no failure on
+        record returns at once."""
+        if ok and endpoint_id not in self._suspect:
+            return
         ep = self._registry.snapshot.endpoints.get(endpoint_id)
         if ep is None or ep.address != address:
             return
@@ -172,6 +176,10 @@ class HealthChecker:
         state = self._state(target)
         before = state.health
         state.request_result(ok, reason or "request failed", self._now())
+        if state.request_failures:
+            self._suspect.add(endpoint_id)
+        else:
+            self._suspect.discard(endpoint_id)
         if state.health is not before:
             self._publish(target, state, before)
             if state.health is Health.EJECTED and endpoint_id not in self._tasks:
