@@ -56,15 +56,6 @@ class Daemon:
             if config.proxy.enabled
             else None
         )
-        if self.dns is not None and self.proxy is not None:
-            # A service with a dedicated proxy listener is answered with that stable address.
-            self.dns.set_stable_addresses(
-                {
-                    listener.service: (listener.host,)
-                    for listener in self.proxy.listeners
-                    if listener.service and listener.host not in ("0.0.0.0", "::")
-                }
-            )
         self.events = EventLog(self.registry)
         self.collector = Collector(
             self.registry, source=self.source, health=self.health, dns=self.dns, proxy=self.proxy
@@ -90,11 +81,25 @@ class Daemon:
 
     def loops(self) -> dict[str, Callable[[], Coroutine[Any, Any, None]]]:
         """Long-lived loops, by name; each runs in the daemon's TaskGroup."""
-        return {
+        loops = {
             "docker-source": self.source.run,
             "health": self.health.run,
             "events": self.events.run,
         }
+        if self.dns is not None and self.proxy is not None:
+            loops["dns-stable-addresses"] = self._follow_stable_addresses
+        return loops
+
+    async def _follow_stable_addresses(self) -> None:
+        """A service with a dedicated proxy listener (config or label) is answered in DNS with
+        that listener's stable address; labels come and go with containers."""
+        assert self.dns is not None and self.proxy is not None
+        current: dict[str, tuple[str, ...]] | None = None
+        async for _ in self.registry.watch(-1):
+            wanted = self.proxy.stable_addresses()
+            if wanted != current:
+                self.dns.set_stable_addresses(wanted)
+                current = wanted
 
     async def run(self) -> None:
         """Start listeners, run the loops until ``stopping`` is set, then stop in order:

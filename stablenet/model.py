@@ -66,6 +66,7 @@ class Endpoint:
     verdict: Verdict | None = None
     panic: bool = False  # route to every running endpoint when none of the service is ready
     stop_signal: str = ""  # the image's STOPSIGNAL when it is not SIGTERM (e.g. SIGWINCH)
+    listeners: tuple[str, ...] = ()  # dedicated proxy listeners, "http:HOST:PORT" / "tcp:..."
 
     @property
     def state(self) -> State:

@@ -3,8 +3,12 @@ inside a running loop, as `stablenet run` builds it."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+
 from stablenet import config
 from stablenet.daemon import Daemon
+from stablenet.model import Upsert
 from tests.test_dns_core import LOOPBACK, addresses, ask, web_registry
 
 
@@ -18,6 +22,9 @@ async def test_dedicated_proxy_listener_gives_the_service_a_stable_dns_answer() 
     reg = web_registry()
     daemon = Daemon(cfg, registry=reg)
     assert daemon.dns is not None
+    follow = asyncio.get_running_loop().create_task(daemon.loops()["dns-stable-addresses"]())
+    await asyncio.sleep(0)  # it applies the current snapshot at once
+    follow.cancel()
     resolver = daemon.dns.resolver
     resolver.set_allow(LOOPBACK)  # the server sets it when it starts listening
     assert addresses(ask(resolver, reg.snapshot, "web.stablenet.internal")) == {"169.254.100.9"}
@@ -31,3 +38,21 @@ async def test_disabled_parts_are_not_built() -> None:
     assert daemon.dns is None and daemon.proxy is None
     assert [type(x).__name__ for x in daemon.listeners()] == ["AdminServer"]
     assert set(daemon.loops()) == {"docker-source", "health", "events"}
+
+
+async def test_a_label_declared_listener_gives_a_stable_dns_answer_too() -> None:
+    cfg = config.parse(
+        '[dns]\nlisten = ["127.0.0.1:15353"]\n[proxy]\nlisten = "127.0.0.1:18080"\n', env={}
+    )
+    reg = web_registry()
+    daemon = Daemon(cfg, registry=reg)
+    assert daemon.dns is not None and daemon.proxy is not None
+    db = reg.snapshot.by_name["db"]
+    reg.apply([Upsert(dataclasses.replace(db, listeners=("tcp:169.254.100.12:5432",)))])
+    assert daemon.proxy.stable_addresses() == {"db": ("169.254.100.12",)}
+    follow = asyncio.get_running_loop().create_task(daemon.loops()["dns-stable-addresses"]())
+    await asyncio.sleep(0)
+    follow.cancel()
+    daemon.dns.resolver.set_allow(LOOPBACK)
+    answer = ask(daemon.dns.resolver, reg.snapshot, "db.stablenet.internal")
+    assert addresses(answer) == {"169.254.100.12"}

@@ -534,3 +534,43 @@ async def test_dedicated_tcp_listener() -> None:
             got = await asyncio.wait_for(reader.readexactly(6000), 5)
             writer.close()
     assert got == b"PING\r\n" * 1000
+
+
+async def test_label_declared_tcp_listener_opens_outlives_a_restart_and_closes() -> None:
+    """stablenet.proxy.listen on a container opens a dedicated listener; while the container
+    is away (restarting) the listener stays and holds the connection; the listener is closed
+    once no container declares it any more (here with no memory, to see it close)."""
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+
+    registry = Registry()
+    port = free_port()
+    declared = endpoint(0, 1, service="cache", listeners=(f"tcp:127.0.0.1:{port}",))
+    async with raw_backend(echo) as backend:
+        async with running_proxy(registry, hold_timeout=10.0) as (proxy, _):
+            registry.apply([Upsert(dataclasses.replace(declared, port=backend))])
+            await proxy.sync_listeners()
+            assert ("127.0.0.1", port) in proxy.bound
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"one")
+            assert await asyncio.wait_for(reader.readexactly(3), 5) == b"one"
+            writer.close()
+            # The container restarts: gone from the registry, the listener stays and holds.
+            registry.apply([Remove(declared.id)])
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"two")
+            registry.apply([Upsert(dataclasses.replace(declared, port=backend, started_at=2.0))])
+            assert await asyncio.wait_for(reader.readexactly(3), 5) == b"two"
+            writer.close()
+            assert proxy.stable_addresses() == {"cache": ("127.0.0.1",)}
+            # No container declares it any more and the memory has run out: closed.
+            registry.apply([Remove(declared.id)])
+            proxy._dynamic_seen.clear()
+            registry.apply([Upsert(endpoint(backend, 2, service="other"))])
+            await proxy.sync_listeners()
+            assert not proxy._dynamic
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", port)

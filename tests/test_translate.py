@@ -108,6 +108,8 @@ def test_port_label_wins_over_exposed() -> None:
         ("stablenet.health.paht", "/x", "unknown health label"),
         ("stablenet.http.host", "bad host!", "'bad host!' is not a host name"),
         ("stablenet.health.rise", "\u00b2", "expected a whole number from 1 to 100"),
+        ("stablenet.proxy.listen", "udp:10.0.0.1:53", "expected http:HOST:PORT or tcp:HOST:PORT"),
+        ("stablenet.proxy.listen", "tcp:nowhere:6379", "'nowhere' is not an IP address"),
         ("stablenet.health.status", "\u00b2\u00b2\u00b2", "expected a status or range"),
         ("stablenet.health.path", "/\u20ac", "expected a path starting with / (ASCII"),
     ],
@@ -216,6 +218,13 @@ def event(kind: str, action: str, cid: str = "abc", **attrs: str) -> dict[str, A
 )
 def test_classify_events(evt: dict[str, Any], expected: tuple[Action, str] | None) -> None:
     assert classify(evt) == expected
+
+
+def test_proxy_listen_label() -> None:
+    labels = {"stablenet.proxy.listen": "tcp:169.254.100.5:6379, http:169.254.100.5:8080"}
+    ep = endpoint_from_inspect(inspect(labels=labels), SETTINGS)
+    assert ep is not None
+    assert ep.listeners == ("tcp:169.254.100.5:6379", "http:169.254.100.5:8080")
 
 
 def test_stop_signal_matching() -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from stablenet.config import DockerConfig, HealthConfig
 from stablenet.model import Endpoint, HealthSpec
-from stablenet.units import parse_duration, parse_port
+from stablenet.units import parse_duration, parse_hostport, parse_port
 
 LABEL = "stablenet."
 COMPOSE_SERVICE = "com.docker.compose.service"
@@ -34,6 +34,7 @@ KNOWN_LABELS = frozenset(
         "health.status",
         "health.host",
         "health.panic",
+        "proxy.listen",
     )
 )
 _SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
@@ -131,6 +132,19 @@ def endpoint_from_inspect(inspect: Mapping[str, Any], settings: Settings) -> End
             if not _HOST_NAME.match(host):
                 raise bad(LABEL + "http.host", f"{host!r} is not a host name")
 
+    listeners: tuple[str, ...] = ()
+    if LABEL + "proxy.listen" in labels:
+        entries = [e.strip() for e in labels[LABEL + "proxy.listen"].split(",") if e.strip()]
+        for entry in entries:
+            kind, _, hostport = entry.partition(":")
+            try:
+                if kind not in ("http", "tcp"):
+                    raise ValueError("expected http:HOST:PORT or tcp:HOST:PORT")
+                parse_hostport(hostport)
+            except ValueError as exc:
+                raise bad(LABEL + "proxy.listen", f"{entry!r}: {exc}") from None
+        listeners = tuple(entries)
+
     check = _health_spec(labels, settings.health, bad)
     if check is not None and port is None:
         raise LabelError(
@@ -161,6 +175,7 @@ def endpoint_from_inspect(inspect: Mapping[str, Any], settings: Settings) -> End
         docker_health=str(health) if health in ("starting", "healthy", "unhealthy") else None,
         panic=panic,
         stop_signal=str(config.get("StopSignal") or ""),
+        listeners=listeners,
     )
 
 

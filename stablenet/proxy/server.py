@@ -20,9 +20,9 @@ from stablenet.model import Endpoint
 from stablenet.proxy import vip
 from stablenet.proxy.balance import Balancer, sticky_token, target_of
 from stablenet.proxy.http import ClientConnection, Exchange, UpstreamConnection
-from stablenet.proxy.routes import Routes, build_routes
+from stablenet.proxy.routes import REMEMBER, Routes, build_routes
 from stablenet.proxy.tcp import TcpClient
-from stablenet.registry import Registry
+from stablenet.registry import Registry, Snapshot
 from stablenet.units import parse_hostport
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 RETRY_FIRST = 0.05  # seconds before a request that failed on every ready endpoint tries again
 RETRY_MAX = 1.0
 
+DynamicKey = tuple[str, str, str, int]  # service, kind, host, port
 OutcomeHook = Callable[[Endpoint, bool, str], None]
 """Called with (endpoint, ok, reason) after each request or connection attempt: ok False for a
 connection failure, a reset before the response, a timeout or a 5xx answer. Passive health
@@ -119,6 +120,11 @@ class Proxy(Server):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._added: list[str] = []
         self._closing = False
+        # Listeners declared by the stablenet.proxy.listen label: (service, kind, host, port).
+        self._dynamic: dict[DynamicKey, asyncio.Server] = {}
+        self._dynamic_seen: dict[DynamicKey, float] = {}
+        self._dynamic_failed: set[DynamicKey] = set()
+        self._dynamic_lock = asyncio.Lock()
         self.loop = asyncio.get_event_loop()
         self.bound: list[tuple[str, int]] = []  # actual addresses, in listener order
 
@@ -134,12 +140,12 @@ class Proxy(Server):
             raise
         self.spawn(self._sweep(), name="proxy-sweep")
         self.routes()
-        self.spawn(self._watch(self.registry.snapshot.version), name="proxy-watch")
+        self.spawn(self._watch(-1), name="proxy-watch")  # -1: see the current snapshot too
 
     async def stop(self) -> None:
         await self._shutdown()
 
-    async def _listen(self, listener: Listener) -> None:
+    async def _listen(self, listener: Listener) -> asyncio.Server:
         if listener.host not in self._added and await vip.ensure_local(listener.host, listener.key):
             self._added.append(listener.host)
         service = listener.service
@@ -174,6 +180,80 @@ class Proxy(Server):
             listener.kind,
             f" for service {service}" if service else ", routed by Host",
         )
+        return server
+
+    # -- listeners declared by labels ---------------------------------------------------------
+
+    def _declared(self, snap: Snapshot) -> set[DynamicKey]:
+        """Listeners the snapshot's labels ask for, plus those of services momentarily gone
+        (a restarting container keeps its listener, and requests are held there)."""
+        now = self.loop.time()
+        wanted: set[DynamicKey] = set()
+        for ep in snap.endpoints.values():
+            for entry in ep.listeners:
+                kind, _, hostport = entry.partition(":")
+                host, port = parse_hostport(hostport)
+                key = (ep.service, kind, host, port)
+                wanted.add(key)
+                self._dynamic_seen[key] = now
+        for key, seen in list(self._dynamic_seen.items()):
+            if key not in wanted:
+                if now - seen < REMEMBER:
+                    wanted.add(key)
+                else:
+                    del self._dynamic_seen[key]
+        return wanted
+
+    def stable_addresses(self) -> dict[str, tuple[str, ...]]:
+        """Service -> the addresses of its dedicated listeners (config and labels), for DNS."""
+        out: dict[str, list[str]] = {}
+        keys = [(lst.service, lst.host) for lst in self.listeners if lst.service]
+        keys += [(service, host) for service, _, host, _ in self._declared(self.registry.snapshot)]
+        for service, host in keys:
+            if service and host not in ("0.0.0.0", "::") and host not in out.get(service, []):
+                out.setdefault(service, []).append(host)
+        return {service: tuple(hosts) for service, hosts in out.items()}
+
+    async def _sync_dynamic(self, wanted: set[DynamicKey]) -> None:
+        async with self._dynamic_lock:
+            if self._closing:
+                return
+            static = {(lst.host, lst.port) for lst in self.listeners}
+            for key in sorted(wanted - set(self._dynamic) - self._dynamic_failed):
+                service, kind, host, port = key
+                clash = (host, port) in static or any(
+                    (h, p) == (host, port) for _, _, h, p in self._dynamic
+                )
+                where = f"label stablenet.proxy.listen of service {service}"
+                if clash:
+                    logger.error(
+                        "%s: %s:%d is already in use by another listener", where, host, port
+                    )
+                    self._dynamic_failed.add(key)
+                    continue
+                try:
+                    self._dynamic[key] = await self._listen(
+                        Listener(host, port, kind, service, where)
+                    )
+                except StartupError as exc:
+                    logger.error("%s", exc)
+                    self._dynamic_failed.add(key)
+            for key in [k for k in self._dynamic if k not in wanted]:
+                server = self._dynamic.pop(key)
+                server.close()
+                self._servers.remove(server)
+                logger.info("proxy listener %s:%d for service %s closed", key[2], key[3], key[0])
+                host = key[2]
+                in_use = {lst.host for lst in self.listeners} | {k[2] for k in self._dynamic}
+                if host in self._added and host not in in_use:
+                    self._added.remove(host)
+                    await vip.remove(host)
+            self._dynamic_failed &= wanted
+
+    async def sync_listeners(self) -> None:
+        """Open and close label-declared listeners to match the registry now (the watch loop
+        does this on every change; callers that must know it is done await this)."""
+        await self._sync_dynamic(self._declared(self.registry.snapshot))
 
     async def _shutdown(self) -> None:
         """Stop accepting, let in-flight requests finish (bounded), close the rest."""
@@ -418,6 +498,9 @@ class Proxy(Server):
         connections to endpoints the registry no longer holds."""
         async for snap in self.registry.watch(since):
             self.routes()  # keeps hosts of services that just lost every endpoint
+            wanted = self._declared(snap)
+            if wanted - self._dynamic_failed != set(self._dynamic):
+                self.spawn(self._sync_dynamic(wanted), name="proxy-listeners")
             for service in list(self.waiters):
                 if snap.ready.get(service):
                     for ex in self.waiters.pop(service, []):

@@ -27,6 +27,7 @@ class _Pipe(asyncio.Protocol):
         self.peer: _Pipe | None = None
         self.early: list[bytes] = []
         self.on_lost: list[Callable[[], None]] = []
+        self.got_eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -39,7 +40,12 @@ class _Pipe(asyncio.Protocol):
             self.early.append(data)
 
     def eof_received(self) -> bool | None:
+        self.got_eof = True
         peer = self.peer
+        if peer is not None and peer.got_eof:
+            if peer.transport is not None:
+                peer.transport.close()  # both directions are done
+            return False
         if peer is not None and peer.transport is not None and peer.transport.can_write_eof():
             peer.transport.write_eof()
             return True
@@ -87,9 +93,18 @@ class TcpClient(_Pipe):
         deadline = loop.time() + proxy.hold_timeout
         tried: set[Target] = set()
         held = False
+        backoff = 0.05
         while self.transport is not None:
             snap = proxy.registry.snapshot
-            ep = proxy.balancer.pick(self.service, snap.ready.get(self.service, ()), tried)
+            ready = snap.ready.get(self.service, ())
+            ep = proxy.balancer.pick(self.service, ready, tried)
+            if ep is None and ready and loop.time() < deadline:
+                # Every ready endpoint refused (a replica back but not listening yet):
+                # try them again shortly, within the hold timeout.
+                await asyncio.sleep(min(backoff, max(0.0, deadline - loop.time())))
+                backoff = min(backoff * 2, 1.0)
+                tried.clear()
+                continue
             if ep is None:
                 if not held:
                     held = True
