@@ -447,7 +447,7 @@ async def dns_client(replicas: Replicas, server: str, rounds: int) -> Any:
         f"for i in $(seq 1 {rounds}); do echo Q; nslookup -type=a {SERVICE}.{ZONE} {server}; "
         "sleep 0.02; done; echo Q"
     )
-    return await asyncio.to_thread(
+    box = await asyncio.to_thread(
         replicas.client.containers.run,
         replicas.image,
         ["sh", "-c", script],
@@ -455,6 +455,8 @@ async def dns_client(replicas: Replicas, server: str, rounds: int) -> Any:
         detach=True,
         labels={"fo.prefix": replicas.prefix, "fo.role": "dns-client"},
     )
+    replicas.created.append(str(box.id))  # removed with the rest at the end
+    return box
 
 
 def stale_answers(lookups: list[Lookup], ownership: Ownership) -> list[Lookup]:
