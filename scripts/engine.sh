@@ -31,6 +31,13 @@ engine_up() {
     if ! command -v dockerd >/dev/null 2>&1; then
         echo "engine: installing docker.io" >&2
         _apt_install docker.io || return 1
+        # Where the package's own service started an engine, use that one.
+        if [ -z "${DOCKER_HOST:-}" ] && [ -S /var/run/docker.sock ] \
+            && DOCKER_HOST=unix:///var/run/docker.sock _engine_answers; then
+            export DOCKER_HOST=unix:///var/run/docker.sock
+            echo "engine: using $DOCKER_HOST (started by the docker.io package)" >&2
+            return 0
+        fi
     fi
     local dir="$STABLENET_ENGINE_DIR"
     mkdir -p "$dir/data" "$dir/exec"
