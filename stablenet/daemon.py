@@ -21,6 +21,7 @@ from stablenet.events import EventLog
 from stablenet.health.checker import HealthChecker
 from stablenet.metrics import Collector, exposition
 from stablenet.proxy import Proxy
+from stablenet.proxy.server import no_stable
 from stablenet.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class Daemon:
                 zone=config.dns.zone,
                 report=lambda ep, ok, why: self.health.report(ep.id, ep.address, ok, why),
                 metrics=config.admin.metrics,
+                # A service with a dedicated listener is answered in DNS with its address.
+                on_stable=self.dns.set_stable_addresses if self.dns is not None else no_stable,
             )
             if config.proxy.enabled
             else None
@@ -81,25 +84,11 @@ class Daemon:
 
     def loops(self) -> dict[str, Callable[[], Coroutine[Any, Any, None]]]:
         """Long-lived loops, by name; each runs in the daemon's TaskGroup."""
-        loops = {
+        return {
             "docker-source": self.source.run,
             "health": self.health.run,
             "events": self.events.run,
         }
-        if self.dns is not None and self.proxy is not None:
-            loops["dns-stable-addresses"] = self._follow_stable_addresses
-        return loops
-
-    async def _follow_stable_addresses(self) -> None:
-        """A service with a dedicated proxy listener (config or label) is answered in DNS with
-        that listener's stable address; labels come and go with containers."""
-        assert self.dns is not None and self.proxy is not None
-        current: dict[str, tuple[str, ...]] | None = None
-        async for _ in self.registry.watch(-1):
-            wanted = self.proxy.stable_addresses()
-            if wanted != current:
-                self.dns.set_stable_addresses(wanted)
-                current = wanted
 
     async def run(self) -> None:
         """Start listeners, run the loops until ``stopping`` is set, then stop in order:

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from stablenet.model import Endpoint
-from stablenet.registry import Registry
+from stablenet.registry import Registry, transitions
 
 CAPACITY = 500
 
@@ -40,25 +40,17 @@ def diff(
 ) -> list[tuple[str, str, str, str]]:
     """(service, endpoint, kind, message) for every change between two endpoint maps."""
     out = []
-    for cid, ep in new.items():
-        before = old.get(cid)
+    for kind, before, ep in transitions(old, new):
         where = f"{ep.address}:{ep.port}" if ep.port else ep.address
-        if before is None:
-            out.append((ep.service, ep.name, "added", f"added at {where}, {ep.state.value}"))
-        elif (before.address, before.port) != (ep.address, ep.port):
-            out.append((ep.service, ep.name, "moved", f"moved to {where}"))
-        elif before.state is not ep.state:
-            out.append(
-                (
-                    ep.service,
-                    ep.name,
-                    "state",
-                    f"{before.state.value} -> {ep.state.value} ({ep.reason})",
-                )
-            )
-    for cid, ep in old.items():
-        if cid not in new:
-            out.append((ep.service, ep.name, "removed", f"removed from {ep.address}"))
+        if kind == "added":
+            message = f"added at {where}, {ep.state.value}"
+        elif kind == "moved":
+            message = f"moved to {where}"
+        elif kind == "state":
+            message = f"{before.state.value} -> {ep.state.value} ({ep.reason})"
+        else:
+            message = f"removed from {ep.address}"
+        out.append((ep.service, ep.name, kind, message))
     return out
 
 

@@ -5,7 +5,6 @@ cost of building metric families is paid by the scraper, not by requests or quer
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -15,8 +14,13 @@ from prometheus_client.core import (
     Metric,
 )
 
+from stablenet.dns import DnsServer
+from stablenet.dns.stats import DnsStats
+from stablenet.docker.source import DockerSource, SourceStats
+from stablenet.health.checker import HealthChecker
 from stablenet.histogram import Histogram
 from stablenet.model import State
+from stablenet.proxy import Proxy
 from stablenet.registry import Registry
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -28,10 +32,10 @@ class Collector:
     def __init__(
         self,
         registry: Registry,
-        source: Any = None,
-        health: Any = None,
-        dns: Any = None,
-        proxy: Any = None,
+        source: DockerSource | None = None,
+        health: HealthChecker | None = None,
+        dns: DnsServer | None = None,
+        proxy: Proxy | None = None,
     ) -> None:
         self._registry = registry
         self._source = source
@@ -44,7 +48,7 @@ class Collector:
         if self._source is not None:
             yield from self._source_metrics(self._source.stats)
         if self._health is not None:
-            yield from self._health_metrics()
+            yield from self._health_metrics(self._health)
         if self._dns is not None:
             yield from self._dns_metrics(self._dns.stats)
         if self._proxy is not None:
@@ -73,7 +77,7 @@ class Collector:
             value=len(snap.problems),
         )
 
-    def _source_metrics(self, stats: Any) -> Iterable[Metric]:
+    def _source_metrics(self, stats: SourceStats) -> Iterable[Metric]:
         events = CounterMetricFamily(
             "stablenet_docker_events", "Docker events handled, by action.", labels=["action"]
         )
@@ -99,19 +103,19 @@ class Collector:
             value=stats.last_event_lag,
         )
 
-    def _health_metrics(self) -> Iterable[Metric]:
+    def _health_metrics(self, health: HealthChecker) -> Iterable[Metric]:
         yield CounterMetricFamily(
             "stablenet_health_checks",
             "Active health checks and probes run.",
-            value=self._health.checks,
+            value=health.checks,
         )
         yield CounterMetricFamily(
             "stablenet_health_transitions",
             "Health state transitions (up, down, ejected).",
-            value=self._health.transitions,
+            value=health.transitions,
         )
 
-    def _dns_metrics(self, stats: Any) -> Iterable[Metric]:
+    def _dns_metrics(self, stats: DnsStats) -> Iterable[Metric]:
         queries = CounterMetricFamily(
             "stablenet_dns_queries", "DNS queries answered, by type.", labels=["qtype"]
         )
@@ -135,8 +139,7 @@ class Collector:
         ):
             yield CounterMetricFamily(f"stablenet_dns_{name}", doc, value=getattr(stats, attr))
 
-    def _proxy_metrics(self, proxy: Any) -> Iterable[Metric]:
-        counters: Mapping[str, Any] = proxy.counters
+    def _proxy_metrics(self, proxy: Proxy) -> Iterable[Metric]:
         counted = {
             attr: CounterMetricFamily(f"stablenet_proxy_{attr}", doc, labels=["service"])
             for attr, doc in (
@@ -147,40 +150,37 @@ class Collector:
                 ("bad_requests", "Client requests rejected (400, 408, 431)."),
             )
         }
-        for service, c in sorted(counters.items()):
+        for service, c in sorted(proxy.counters.items()):
             for attr, counter in counted.items():
-                counter.add_metric([service], getattr(c, attr, 0))
+                counter.add_metric([service], getattr(c, attr))
         yield from counted.values()
-        responses: Mapping[tuple[str, str, str], int] = getattr(proxy, "responses", {})
-        if responses:
+        if proxy.responses:
             by_class = CounterMetricFamily(
                 "stablenet_proxy_responses",
                 "Responses by service, endpoint and status class.",
                 labels=["service", "endpoint", "class"],
             )
-            for (service, endpoint, cls), count in sorted(responses.items()):
+            for (service, endpoint, cls), count in sorted(proxy.responses.items()):
                 by_class.add_metric([service, endpoint, cls], count)
             yield by_class
-        latency: Mapping[str, Histogram] = getattr(proxy, "latency", {})
-        if latency:
-            durations = HistogramMetricFamily(
-                "stablenet_proxy_request_duration_seconds",
-                "Time from request headers to the end of the response, by service.",
-                labels=["service"],
-            )
-            for service, hist in sorted(latency.items()):
-                durations.add_metric([service], hist.buckets(), hist.total)
-            yield durations
-        hold: Mapping[str, Histogram] = getattr(proxy, "hold_time", {})
-        if hold:
-            holds = HistogramMetricFamily(
-                "stablenet_proxy_hold_duration_seconds",
-                "Time requests were held waiting for a ready endpoint, by service.",
-                labels=["service"],
-            )
-            for service, hist in sorted(hold.items()):
-                holds.add_metric([service], hist.buckets(), hist.total)
-            yield holds
+        yield from _histograms(
+            "stablenet_proxy_request_duration_seconds",
+            "Time from request headers to the end of the response, by service.",
+            proxy.latency,
+        )
+        yield from _histograms(
+            "stablenet_proxy_hold_duration_seconds",
+            "Time requests were held waiting for a ready endpoint, by service.",
+            proxy.hold_time,
+        )
+
+
+def _histograms(name: str, doc: str, by_service: Mapping[str, Histogram]) -> Iterable[Metric]:
+    if by_service:
+        family = HistogramMetricFamily(name, doc, labels=["service"])
+        for service, hist in sorted(by_service.items()):
+            family.add_metric([service], hist.buckets(), hist.total)
+        yield family
 
 
 def exposition(collector: Collector) -> bytes:

@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -191,35 +191,40 @@ def _carry_over(old: Endpoint | None, new: Endpoint) -> Endpoint:
     )
 
 
-def _log_transitions(old: Mapping[str, Endpoint], new: Mapping[str, Endpoint]) -> None:
+def transitions(
+    old: Mapping[str, Endpoint], new: Mapping[str, Endpoint]
+) -> Iterator[tuple[str, Endpoint, Endpoint]]:
+    """(kind, before, after) for every endpoint that changed between two endpoint maps: kind is
+    added, moved, state or removed; before is after for added and removed ones."""
     for cid, ep in new.items():
         before = old.get(cid)
         if before is None:
-            logger.info(
-                "endpoint %s added to service %s at %s:%s (%s)",
-                ep.name,
-                ep.service,
-                ep.address,
-                ep.port,
-                ep.state.value,
-            )
-        elif before.address != ep.address or before.port != ep.port:
-            logger.info(
-                "endpoint %s moved from %s:%s to %s:%s",
-                ep.name,
-                before.address,
-                before.port,
-                ep.address,
-                ep.port,
-            )
+            yield "added", ep, ep
+        elif (before.address, before.port) != (ep.address, ep.port):
+            yield "moved", before, ep
         elif before.state is not ep.state:
-            logger.info(
-                "endpoint %s: %s -> %s (%s)",
-                ep.name,
-                before.state.value,
-                ep.state.value,
-                ep.reason,
-            )
+            yield "state", before, ep
     for cid, ep in old.items():
         if cid not in new:
+            yield "removed", ep, ep
+
+
+def _log_transitions(old: Mapping[str, Endpoint], new: Mapping[str, Endpoint]) -> None:
+    for kind, before, ep in transitions(old, new):
+        if kind == "added":
+            logger.info(
+                "endpoint %s added to service %s at %s:%s (%s)",
+                ep.name, ep.service, ep.address, ep.port, ep.state.value,
+            )  # fmt: skip
+        elif kind == "moved":
+            logger.info(
+                "endpoint %s moved from %s:%s to %s:%s",
+                ep.name, before.address, before.port, ep.address, ep.port,
+            )  # fmt: skip
+        elif kind == "state":
+            logger.info(
+                "endpoint %s: %s -> %s (%s)",
+                ep.name, before.state.value, ep.state.value, ep.reason,
+            )  # fmt: skip
+        else:
             logger.info("endpoint %s removed from service %s (%s)", ep.name, ep.service, ep.address)

@@ -129,6 +129,8 @@ class RunningDaemon:
     admin: str
     env: dict[str, str]
     log: list[str]
+    dns_port: int = 0  # with serving=True: DNS and the proxy on loopback ports
+    proxy_port: int = 0
 
 
 async def wait_for_line(proc: asyncio.subprocess.Process, needle: str, log: list[str]) -> None:
@@ -143,13 +145,23 @@ async def wait_for_line(proc: asyncio.subprocess.Process, needle: str, log: list
                 return
 
 
-async def start_daemon(*args: str, env: dict[str, str] | None = None) -> RunningDaemon:
-    port = free_port()
+async def start_daemon(
+    *args: str, env: dict[str, str] | None = None, serving: bool = False
+) -> RunningDaemon:
+    """The daemon as a user runs it, admin on a free loopback port; with ``serving``, DNS and
+    the proxy on free loopback ports too (else both off)."""
+    port, dns_port, proxy_port = free_port(), free_port(), free_port()
+    off = {"STABLENET_DNS_ENABLED": "false", "STABLENET_PROXY_ENABLED": "false"}
+    parts = {
+        "STABLENET_DNS_ENABLED": "true",
+        "STABLENET_DNS_LISTEN": f"127.0.0.1:{dns_port}",
+        "STABLENET_PROXY_ENABLED": "true",
+        "STABLENET_PROXY_LISTEN": f"127.0.0.1:{proxy_port}",
+    }
     full_env = {
         **os.environ,
         "STABLENET_ADMIN_LISTEN": f"127.0.0.1:{port}",
-        "STABLENET_DNS_ENABLED": "false",
-        "STABLENET_PROXY_ENABLED": "false",
+        **(parts if serving else off),
         **(env or {}),
     }
     proc = await asyncio.create_subprocess_exec(
@@ -162,6 +174,8 @@ async def start_daemon(*args: str, env: dict[str, str] | None = None) -> Running
         stderr=asyncio.subprocess.PIPE,
     )
     daemon = RunningDaemon(proc, f"http://127.0.0.1:{port}", full_env, [])
+    if serving:
+        daemon.dns_port, daemon.proxy_port = dns_port, proxy_port
     await wait_for_line(proc, "Docker Engine connected", daemon.log)
     return daemon
 

@@ -3,7 +3,6 @@ inside a running loop, as `stablenet run` builds it."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 
 from stablenet import config
@@ -21,10 +20,8 @@ async def test_dedicated_proxy_listener_gives_the_service_a_stable_dns_answer() 
     )
     reg = web_registry()
     daemon = Daemon(cfg, registry=reg)
-    assert daemon.dns is not None
-    follow = asyncio.get_running_loop().create_task(daemon.loops()["dns-stable-addresses"]())
-    await asyncio.sleep(0)  # it applies the current snapshot at once
-    follow.cancel()
+    assert daemon.dns is not None and daemon.proxy is not None
+    daemon.proxy.refresh(reg.snapshot)  # what the running proxy does for every snapshot
     resolver = daemon.dns.resolver
     resolver.set_allow(LOOPBACK)  # the server sets it when it starts listening
     assert addresses(ask(resolver, reg.snapshot, "web.stablenet.internal")) == {"169.254.100.9"}
@@ -49,10 +46,8 @@ async def test_a_label_declared_listener_gives_a_stable_dns_answer_too() -> None
     assert daemon.dns is not None and daemon.proxy is not None
     db = reg.snapshot.by_name["db"]
     reg.apply([Upsert(dataclasses.replace(db, listeners=("tcp:169.254.100.12:5432",)))])
+    daemon.proxy.refresh(reg.snapshot)  # what the running proxy does for every snapshot
     assert daemon.proxy.stable_addresses() == {"db": ("169.254.100.12",)}
-    follow = asyncio.get_running_loop().create_task(daemon.loops()["dns-stable-addresses"]())
-    await asyncio.sleep(0)
-    follow.cancel()
     daemon.dns.resolver.set_allow(LOOPBACK)
     answer = ask(daemon.dns.resolver, reg.snapshot, "db.stablenet.internal")
     assert addresses(answer) == {"169.254.100.12"}

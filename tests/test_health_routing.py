@@ -8,7 +8,7 @@ import aiohttp
 import dns.asyncquery
 import dns.message
 
-from tests.helpers import Containers, free_port, ip_of, off_loop
+from tests.helpers import Containers, ip_of, off_loop
 from tests.test_cli import RunningDaemon, start_daemon, stop_daemon, wait_for_line
 
 HOST = "routed.stablenet.internal"
@@ -41,18 +41,15 @@ async def served_by(http: aiohttp.ClientSession, proxy_port: int, count: int) ->
 
 
 async def test_dns_and_proxy_follow_active_and_passive_health(containers: Containers) -> None:
-    dns_port, proxy_port = free_port(), free_port()
     daemon: RunningDaemon = await start_daemon(
+        serving=True,
         env={
-            "STABLENET_DNS_ENABLED": "true",
-            "STABLENET_DNS_LISTEN": f"127.0.0.1:{dns_port}",
             "STABLENET_DNS_TTL": "1s",
-            "STABLENET_PROXY_ENABLED": "true",
-            "STABLENET_PROXY_LISTEN": f"127.0.0.1:{proxy_port}",
             "STABLENET_HEALTH_EJECT_AFTER": "3",
             "STABLENET_HEALTH_EJECT_TIME": "1m",
-        }
+        },
     )
+    dns_port, proxy_port = daemon.dns_port, daemon.proxy_port
     try:
         good = await off_loop(containers.run, "good", labels=CHECKED)
         sick = await off_loop(containers.run, "sick", labels=CHECKED)

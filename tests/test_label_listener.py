@@ -23,15 +23,9 @@ async def http_over_tcp(port: int) -> bytes:
 
 
 async def test_label_declared_tcp_listener(containers: Containers) -> None:
-    dns_port, proxy_port, tcp_port = free_port(), free_port(), free_port()
-    daemon = await start_daemon(
-        env={
-            "STABLENET_DNS_ENABLED": "true",
-            "STABLENET_DNS_LISTEN": f"127.0.0.1:{dns_port}",
-            "STABLENET_PROXY_ENABLED": "true",
-            "STABLENET_PROXY_LISTEN": f"127.0.0.1:{proxy_port}",
-        }
-    )
+    tcp_port = free_port()
+    daemon = await start_daemon(serving=True)
+    dns_port = daemon.dns_port
     try:
         box = await off_loop(
             containers.run,

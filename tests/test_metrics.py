@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from stablenet.events import diff
 from stablenet.histogram import Histogram
 from stablenet.model import Endpoint
-from tests.helpers import Containers, free_port, off_loop
+from tests.helpers import Containers, off_loop
 from tests.test_cli import start_daemon, stop_daemon, wait_for_line
 
 
@@ -34,15 +34,8 @@ def total(
 
 
 async def test_metrics_parse_and_move_with_traffic(containers: Containers) -> None:
-    dns_port, proxy_port = free_port(), free_port()
-    daemon = await start_daemon(
-        env={
-            "STABLENET_DNS_ENABLED": "true",
-            "STABLENET_DNS_LISTEN": f"127.0.0.1:{dns_port}",
-            "STABLENET_PROXY_ENABLED": "true",
-            "STABLENET_PROXY_LISTEN": f"127.0.0.1:{proxy_port}",
-        }
-    )
+    daemon = await start_daemon(serving=True)
+    dns_port, proxy_port = daemon.dns_port, daemon.proxy_port
     try:
         await off_loop(
             containers.run, "m", labels={"stablenet.service": "metered", "stablenet.port": "80"}

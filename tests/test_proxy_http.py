@@ -518,12 +518,14 @@ async def test_outcomes_reach_the_health_hook() -> None:
     assert ("web-1", False, "HTTP 503") in outcomes
 
 
-async def test_dedicated_tcp_listener() -> None:
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A plain TCP backend that sends back what it reads."""
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
 
+
+async def test_dedicated_tcp_listener() -> None:
     registry = Registry()
     port = free_port()
     async with raw_backend(echo) as backend:
@@ -540,11 +542,6 @@ async def test_label_declared_tcp_listener_opens_outlives_a_restart_and_closes()
     """stablenet.proxy.listen on a container opens a dedicated listener; while the container
     is away (restarting) the listener stays and holds the connection; the listener is closed
     once no container declares it any more (here with no memory, to see it close)."""
-
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
 
     registry = Registry()
     port = free_port()

@@ -57,13 +57,11 @@ class DockerLost(Exception):
 class SourceStats:
     """Counters the admin API and metrics read."""
 
-    events: int = 0
     resyncs: int = 0
     reconnects: int = 0
     last_resync_seconds: float = 0.0
     last_error: str = ""
     last_event_lag: float = 0.0  # seconds from the last event's timestamp to its registry update
-    connected_since: float = 0.0
     handled_by_action: dict[str, int] = field(default_factory=dict)
 
 
@@ -176,7 +174,6 @@ class DockerSource:
                 tasks.create_task(self._consume(client, queue), name="docker-events")
                 await self.resync(client)
                 self._registry.apply([SetSynced(True)])
-                self.stats.connected_since = time.time()
                 logger.info(
                     "Docker Engine connected; synced %d endpoints in %.3fs",
                     len(self._registry.snapshot.endpoints),
@@ -206,25 +203,14 @@ class DockerSource:
                 endpoints: list[Endpoint] = []
                 problems: dict[str, str] = {}
                 for cid, inspect in zip(ids, inspects, strict=True):
-                    if inspect is None:
-                        continue
-                    try:
-                        ep = endpoint_from_inspect(inspect, self._settings)
-                    except LabelError as exc:
-                        problems[cid] = str(exc)
-                        continue
-                    except Exception as exc:  # odd JSON must not stop the sync of the rest
-                        problems[cid] = _unreadable(inspect, exc)
-                        continue
-                    if ep is not None:
-                        endpoints.append(ep)
+                    match self._translate(cid, inspect):
+                        case Upsert(endpoint=ep):
+                            endpoints.append(ep)
+                        case Problem(message=str(message)):
+                            problems[cid] = message
                 keep = frozenset(self._touched)
             finally:
                 self._touched = None
-            old_problems = self._registry.snapshot.problems
-            for cid, message in problems.items():
-                if old_problems.get(cid) != message:
-                    logger.warning("%s; skipping it", message)
             self._registry.apply([Resync(tuple(endpoints), keep=keep, problems=problems)])
             self.stats.resyncs += 1
             self.stats.last_resync_seconds = time.monotonic() - began
@@ -253,7 +239,6 @@ class DockerSource:
         if what is None:
             return
         action, cid = what
-        self.stats.events += 1
         self.stats.handled_by_action[action.value] = (
             self.stats.handled_by_action.get(action.value, 0) + 1
         )
@@ -273,9 +258,8 @@ class DockerSource:
             if self._touched is not None:
                 self._touched.add(cid)
             self._registry.apply([self._translate(cid, inspect)])
-        stamp = event_time(event)
-        if stamp:
-            self.stats.last_event_lag = max(0.0, time.time() - stamp)
+        if at is not None:
+            self.stats.last_event_lag = max(0.0, time.time() - at)
 
     def _translate(self, cid: str, inspect: Mapping[str, Any] | None) -> Change:
         if inspect is None:
@@ -286,7 +270,7 @@ class DockerSource:
             if self._registry.snapshot.problems.get(cid) != str(exc):
                 logger.warning("%s; skipping it", exc)
             return Problem(cid, str(exc))
-        except Exception as exc:  # odd JSON must not stop the event stream
+        except Exception as exc:  # odd JSON must not stop the events or the resync
             message = _unreadable(inspect, exc)
             logger.warning("%s; skipping it", message, exc_info=True)
             return Problem(cid, message)

@@ -91,6 +91,7 @@ class HealthChecker:
 
     def _sync(self, snap: Snapshot) -> None:
         """Start, restart or stop check tasks so they match the snapshot."""
+        self._suspect.intersection_update(snap.endpoints)
         for cid in list(self._states):
             ep = snap.endpoints.get(cid)
             target = self._target(ep) if ep else None

@@ -36,6 +36,15 @@ RETRY_FIRST = 0.05  # seconds before a request that failed on every ready endpoi
 RETRY_MAX = 1.0
 
 DynamicKey = tuple[str, str, str, int]  # service, kind, host, port
+StableHook = Callable[[dict[str, tuple[str, ...]]], None]
+"""Called with service -> addresses of its dedicated listeners whenever that changes (DNS
+answers those services with these stable addresses)."""
+
+
+def no_stable(stable: dict[str, tuple[str, ...]]) -> None:
+    return None
+
+
 OutcomeHook = Callable[[Endpoint, bool, str], None]
 """Called with (endpoint, ok, reason) after each request or connection attempt: ok False for a
 connection failure, a reset before the response, a timeout or a 5xx answer. Passive health
@@ -85,6 +94,7 @@ class Proxy(Server):
         zone: str = "stablenet.internal",
         report: OutcomeHook = no_outcome,
         metrics: bool = True,
+        on_stable: StableHook = no_stable,
     ) -> None:
         self.registry = registry
         self.config = config
@@ -123,6 +133,9 @@ class Proxy(Server):
         # Listeners declared by the stablenet.proxy.listen label: (service, kind, host, port).
         self._dynamic: dict[DynamicKey, asyncio.Server] = {}
         self._dynamic_seen: dict[DynamicKey, float] = {}
+        self._wanted: set[DynamicKey] = set()  # what the labels declare, as of the last refresh
+        self._stable: dict[str, tuple[str, ...]] | None = None
+        self.on_stable = on_stable
         self._dynamic_failed: set[DynamicKey] = set()
         self._dynamic_lock = asyncio.Lock()
         self.loop = asyncio.get_event_loop()
@@ -204,11 +217,21 @@ class Proxy(Server):
                     del self._dynamic_seen[key]
         return wanted
 
+    def refresh(self, snap: Snapshot) -> set[DynamicKey]:
+        """Take the listeners a snapshot declares; tell ``on_stable`` when the services'
+        stable addresses change. Returns the declared listeners."""
+        self._wanted = self._declared(snap)
+        stable = self.stable_addresses()
+        if stable != self._stable:
+            self._stable = stable
+            self.on_stable(stable)
+        return self._wanted
+
     def stable_addresses(self) -> dict[str, tuple[str, ...]]:
         """Service -> the addresses of its dedicated listeners (config and labels), for DNS."""
         out: dict[str, list[str]] = {}
         keys = [(lst.service, lst.host) for lst in self.listeners if lst.service]
-        keys += [(service, host) for service, _, host, _ in self._declared(self.registry.snapshot)]
+        keys += [(service, host) for service, _, host, _ in self._wanted]
         for service, host in keys:
             if service and host not in ("0.0.0.0", "::") and host not in out.get(service, []):
                 out.setdefault(service, []).append(host)
@@ -253,7 +276,7 @@ class Proxy(Server):
     async def sync_listeners(self) -> None:
         """Open and close label-declared listeners to match the registry now (the watch loop
         does this on every change; callers that must know it is done await this)."""
-        await self._sync_dynamic(self._declared(self.registry.snapshot))
+        await self._sync_dynamic(self.refresh(self.registry.snapshot))
 
     async def _shutdown(self) -> None:
         """Stop accepting, let in-flight requests finish (bounded), close the rest."""
@@ -498,7 +521,7 @@ class Proxy(Server):
         connections to endpoints the registry no longer holds."""
         async for snap in self.registry.watch(since):
             self.routes()  # keeps hosts of services that just lost every endpoint
-            wanted = self._declared(snap)
+            wanted = self.refresh(snap)
             if wanted - self._dynamic_failed != set(self._dynamic):
                 self.spawn(self._sync_dynamic(wanted), name="proxy-listeners")
             for service in list(self.waiters):
