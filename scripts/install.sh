@@ -15,6 +15,9 @@ _apt_install ca-certificates docker.io busybox-static bind9-dnsutils dnsmasq-bas
 # chromium: the headless browser the status page test drives (Playwright uses it, never its own).
 _apt_install chromium
 
+# gcc: mypyc compiles the proxy's request path into C (scripts/native.py).
+_apt_install gcc libc6-dev
+
 PYTHON="${PYTHON:-python3}"
 if ! "$PYTHON" -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null; then
     echo "install: stablenet needs Python >= 3.11 as $PYTHON" >&2
@@ -29,3 +32,8 @@ if [ ! -f "$stamp" ]; then
     .venv/bin/python -m pip install -q -e '.[test]'
     touch "$stamp"
 fi
+# The compiler needs the headers of the Python the venv was made from (Debian's python3-dev).
+if ! .venv/bin/python -c 'import os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))' 2>/dev/null; then
+    _apt_install python3-dev || echo "install: no Python headers; the data plane will run as Python" >&2
+fi
+.venv/bin/python scripts/native.py

@@ -11,7 +11,7 @@ source scripts/engine.sh
 engine_up
 trap engine_down EXIT
 export DOCKER_HOST
-.venv/bin/ruff check stablenet tests benchmarks
-.venv/bin/ruff format --check stablenet tests benchmarks
+.venv/bin/ruff check stablenet tests benchmarks scripts
+.venv/bin/ruff format --check stablenet tests benchmarks scripts
 .venv/bin/mypy
 .venv/bin/python -m pytest "$@"

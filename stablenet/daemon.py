@@ -10,7 +10,7 @@ import signal
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from stablenet import __version__
+from stablenet import __version__, native
 from stablenet.admin import AdminServer
 from stablenet.config import Config
 from stablenet.dns import DnsServer
@@ -93,7 +93,7 @@ class Daemon:
     async def run(self) -> None:
         """Start listeners, run the loops until ``stopping`` is set, then stop in order:
         listeners stop accepting and drain (in reverse start order), then loops are cancelled."""
-        logger.info("stablenet %s starting", __version__)
+        logger.info("stablenet %s starting (request path: %s)", __version__, native.describe())
         async with contextlib.AsyncExitStack() as listeners:
             for listener in self.listeners():
                 await listeners.enter_async_context(listener)

@@ -143,8 +143,9 @@ class Exchange:
         self.counted = False  # the balancer counts this exchange as in flight on ``endpoint``
 
 
-class ClientConnection(asyncio.Protocol):
-    """One client TCP connection. ``service`` fixes the service for a dedicated listener;
+class ClientConnection:
+    """One client TCP connection (an asyncio protocol by shape: a plain class, so that it can
+    be compiled to a native one). ``service`` fixes the service for a dedicated listener;
     otherwise each request is routed by its Host."""
 
     __slots__ = (
@@ -819,8 +820,9 @@ def _cookie_value(header: bytes, name: str) -> str | None:
     return None
 
 
-class UpstreamConnection(asyncio.Protocol):
-    """One connection to one backend endpoint; pooled between requests."""
+class UpstreamConnection:
+    """One connection to one backend endpoint; pooled between requests (an asyncio protocol by
+    shape, like ClientConnection)."""
 
     __slots__ = (
         "proxy",

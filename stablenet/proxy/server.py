@@ -10,7 +10,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from stablenet.config import ProxyConfig
 from stablenet.errors import StartupError
@@ -164,7 +164,7 @@ class Proxy(Server):
         service = listener.service
 
         def http_factory() -> asyncio.Protocol:
-            return ClientConnection(self, service)
+            return cast(asyncio.Protocol, ClientConnection(self, service))
 
         def tcp_factory() -> asyncio.Protocol:
             assert service is not None
@@ -184,7 +184,8 @@ class Proxy(Server):
                 f"{exc.strerror or exc}"
             ) from None
         self._servers.append(server)
-        sock = server.sockets[0].getsockname()
+        # uvloop gives a list where the stubs say tuple: index it untyped.
+        sock = cast(Any, server).sockets[0].getsockname()
         self.bound.append((str(sock[0]), int(sock[1])))
         logger.info(
             "proxy listening on %s:%d (%s%s)",
@@ -416,9 +417,10 @@ class Proxy(Server):
         key = (ep.id, ep.address, port)
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, up = await self.loop.create_connection(
-                    lambda: UpstreamConnection(self, key), ep.address, port
+                _, protocol = await self.loop.create_connection(
+                    lambda: cast(asyncio.Protocol, UpstreamConnection(self, key)), ep.address, port
                 )
+            up = cast(UpstreamConnection, protocol)
         except (OSError, TimeoutError) as exc:
             ex.connecting = False
             self.release(ex)
