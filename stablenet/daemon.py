@@ -51,7 +51,7 @@ class Daemon:
                 self.registry,
                 config.proxy,
                 zone=config.dns.zone,
-                report=lambda ep, ok, why: self.health.report(ep.id, ep.address, ok, why),
+                report=self.health.outcome,
                 metrics=config.admin.metrics,
                 # A service with a dedicated listener is answered in DNS with its address.
                 on_stable=self.dns.set_stable_addresses if self.dns is not None else no_stable,

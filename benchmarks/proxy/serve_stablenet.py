@@ -28,16 +28,12 @@ async def serve(listen: str, backend: str, metrics: bool) -> None:
         [Upsert(Endpoint("b" * 64, "bench-1", "web", host, port, "bench", started_at=1.0))]
     )
     health = HealthChecker(registry, HealthConfig())  # passive health, as the daemon wires it
-
-    def hook(ep: Endpoint, ok: bool, why: str) -> None:
-        health.report(ep.id, ep.address, ok, why)
-
     config = dataclasses.replace(ProxyConfig(), listen=listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    async with Proxy(registry, config, report=hook, metrics=metrics):
+    async with Proxy(registry, config, report=health.outcome, metrics=metrics):
         await stop.wait()
 
 

@@ -162,6 +162,13 @@ class HealthChecker:
             if entry is not None and entry[1] is asyncio.current_task():
                 del self._tasks[target.id]
 
+    def outcome(self, endpoint: Endpoint, ok: bool, reason: str) -> None:
+        """The proxy's OutcomeHook: ``report`` for an endpoint object, returning at once for a
+        success on an endpoint with no failure on record (nearly every request)."""
+        if ok and endpoint.id not in self._suspect:
+            return
+        self.report(endpoint.id, endpoint.address, ok, reason)
+
     def report(self, endpoint_id: str, address: str, ok: bool, reason: str = "") -> None:
         """A proxied request's outcome (ok, or a connection failure / 5xx). Cheap and
         synchronous: called on the data path, so a success for an endpoint with no failure on

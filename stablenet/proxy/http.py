@@ -27,7 +27,6 @@ from stablenet.proxy.http1 import (
     error_response,
     printable,
 )
-from stablenet.proxy.routes import normalize_host
 
 if TYPE_CHECKING:
     from stablenet.proxy.server import Proxy
@@ -196,11 +195,14 @@ class ClientConnection:
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = str(peer[0]).encode()
-        self.proxy.clients.add(self)
-        self.deadline = self.proxy.loop.time() + self.proxy.header_timeout
+        proxy = self.proxy
+        proxy.clients.add(self)
+        proxy.now = proxy.loop.time()
+        self.deadline = proxy.now + proxy.header_timeout
         self.deadline_kind = DEADLINE_HEAD
 
     def data_received(self, data: bytes) -> None:
+        self.proxy.now = self.proxy.loop.time()
         if self.tunnel_to is not None:
             transport = self.tunnel_to.transport
             if transport is not None:
@@ -247,14 +249,14 @@ class ClientConnection:
     def pause_writing(self) -> None:
         self.write_paused = True
         up = self.queue[0].upstream if self.queue else self.tunnel_to
-        if up is not None and up.transport is not None:
-            up.transport.pause_reading()
+        if up is not None:
+            up.set_reading(False)
 
     def resume_writing(self) -> None:
         self.write_paused = False
         up = self.queue[0].upstream if self.queue else self.tunnel_to
-        if up is not None and up.transport is not None:
-            up.transport.resume_reading()
+        if up is not None:
+            up.set_reading(True)
 
     # -- llhttp callbacks ---------------------------------------------------------------------
 
@@ -269,7 +271,7 @@ class ClientConnection:
         self.head_size = 0
         self.raw_pending = 0
         if len(self.queue) == 1:
-            self.deadline = self.proxy.loop.time() + self.proxy.header_timeout
+            self.deadline = self.proxy.now + self.proxy.header_timeout
             self.deadline_kind = DEADLINE_HEAD
 
     def on_url(self, url: bytes) -> None:
@@ -383,7 +385,7 @@ class ClientConnection:
         up = ex.upstream
         if up is not None and up.transport is not None:
             up.transport.write(data)
-            up.deadline = self.proxy.loop.time() + self.proxy.response_timeout  # still uploading
+            up.deadline = self.proxy.now + self.proxy.response_timeout  # still uploading
             if ex.replayable:
                 ex.buffered.append(data)
                 ex.buffered_size += len(data)
@@ -407,15 +409,14 @@ class ClientConnection:
     def _start(self, ex: Exchange) -> None:
         """The exchange at the head of the queue has a complete head: route it."""
         proxy = self.proxy
-        ex.started = proxy.loop.time()
+        ex.started = proxy.now
         if ex.error is not None:
             self._reject(*ex.error)
             return
         if self.fixed_service is not None:
             service: str | None = self.fixed_service
         else:
-            host = normalize_host(ex.host.decode("latin-1")) if ex.host else ""
-            service = proxy.routes().service_for(host)
+            service = proxy.route(ex.host or b"")
             if service is None:
                 proxy.count(None).requests += 1
                 self.respond(
@@ -437,7 +438,7 @@ class ClientConnection:
         up.reused = reused
         up.got_bytes = False
         up.interim = False
-        up.deadline = self.proxy.loop.time() + self.proxy.response_timeout
+        up.deadline = self.proxy.now + self.proxy.response_timeout
         transport = up.transport
         assert transport is not None
         if ex.buffered:
@@ -456,7 +457,7 @@ class ClientConnection:
             ):
                 self.transport.resume_reading()
         if self.write_paused:
-            transport.pause_reading()
+            up.set_reading(False)
 
     # -- response side ------------------------------------------------------------------------
 
@@ -532,10 +533,10 @@ class ClientConnection:
             if nxt.head_done:
                 self._start(nxt)
             else:
-                self.deadline = proxy.loop.time() + proxy.header_timeout
+                self.deadline = proxy.now + proxy.header_timeout
                 self.deadline_kind = DEADLINE_HEAD
         else:
-            self.deadline = proxy.loop.time() + proxy.idle_timeout
+            self.deadline = proxy.now + proxy.idle_timeout
             self.deadline_kind = DEADLINE_IDLE
 
     def response_head(self, ex: Exchange, up: UpstreamConnection, status: int) -> None:
@@ -546,6 +547,7 @@ class ClientConnection:
         chunked = False
         length = False
         drop: list[bytes] | None = None
+        upgrade: bytes | None = None
         out: list[bytes] = [b"HTTP/1.1 %d %b\r\n" % (status, up.reason)]
         for name, value in up.headers:
             lname = name.lower()
@@ -553,21 +555,24 @@ class ClientConnection:
                 if lname == b"transfer-encoding":
                     chunked = True
                 elif lname == b"connection":
-                    drop = connection_tokens(value)
+                    plain = value.lower()
+                    if plain != b"keep-alive" and plain != b"close":  # names other fields
+                        tokens = connection_tokens(value)
+                        drop = tokens if drop is None else drop + tokens
+                elif lname == b"upgrade":
+                    upgrade = value
                 continue
             if lname == b"content-length":
                 length = True
-            out += (name, b": ", value, b"\r\n")
+            out.append(b"%b: %b\r\n" % (name, value))
         if drop:
             drop_set = set(drop) - {b"content-length"}
-            kept = [out[0]]
-            for i in range(1, len(out), 4):
-                if out[i].lower() not in drop_set:
-                    kept += out[i : i + 4]
-            out = kept
+            out = [out[0]] + [
+                line for line in out[1:] if line.partition(b":")[0].lower() not in drop_set
+            ]
         if status < 200:
             if status == 101 and ex.upgrade is not None:
-                out.append(b"Upgrade: " + (up.upgrade or ex.upgrade) + b"\r\n")
+                out.append(b"Upgrade: " + (upgrade or ex.upgrade) + b"\r\n")
                 out.append(b"Connection: upgrade\r\n\r\n")
                 ex.tunnel = True
                 ex.status = status
@@ -832,7 +837,6 @@ class UpstreamConnection:
         "exchange",
         "headers",
         "reason",
-        "upgrade",
         "reused",
         "got_bytes",
         "interim",
@@ -840,6 +844,7 @@ class UpstreamConnection:
         "renew_parser",
         "deadline",
         "tunnel_to",
+        "read_paused",
     )
 
     def __init__(self, proxy: Proxy, key: tuple[str, str, int]) -> None:
@@ -850,7 +855,6 @@ class UpstreamConnection:
         self.exchange: Exchange | None = None
         self.headers: list[tuple[bytes, bytes]] = []
         self.reason = b""
-        self.upgrade: bytes | None = None
         self.reused = False
         self.got_bytes = False
         self.interim = False
@@ -858,10 +862,21 @@ class UpstreamConnection:
         self.renew_parser = False
         self.deadline = 0.0
         self.tunnel_to: ClientConnection | None = None
+        self.read_paused = False  # by our flow control: the client reads slower than we get
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.proxy.upstreams.add(self)
+
+    def set_reading(self, reading: bool) -> None:
+        transport = self.transport
+        if transport is None or reading != self.read_paused:
+            return
+        self.read_paused = not reading
+        if reading:
+            transport.resume_reading()
+        else:
+            transport.pause_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel_to is not None:
@@ -876,7 +891,9 @@ class UpstreamConnection:
                 self.transport.close()
             return
         self.got_bytes = True
-        self.deadline = self.proxy.loop.time() + self.proxy.response_timeout
+        proxy = self.proxy
+        proxy.now = proxy.loop.time()
+        self.deadline = proxy.now + proxy.response_timeout
         conn = ex.conn
         try:
             self.parser.feed_data(data)
@@ -933,14 +950,11 @@ class UpstreamConnection:
 
     def on_message_begin(self) -> None:
         self.headers = []
-        self.upgrade = None
 
     def on_status(self, status: bytes) -> None:
         self.reason = status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() == b"upgrade":
-            self.upgrade = value
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -951,7 +965,7 @@ class UpstreamConnection:
         if status == 101 and ex.upgrade is None:
             raise _Stop("101 to a request without Upgrade")
         self.until_close = False
-        self.deadline = self.proxy.loop.time() + self.proxy.response_timeout
+        self.deadline = self.proxy.now + self.proxy.response_timeout
         ex.conn.response_head(ex, self, status)
 
     def on_body(self, body: bytes) -> None:

@@ -20,7 +20,7 @@ from stablenet.model import Endpoint
 from stablenet.proxy import vip
 from stablenet.proxy.balance import Balancer, sticky_token, target_of
 from stablenet.proxy.http import ClientConnection, Exchange, UpstreamConnection
-from stablenet.proxy.routes import REMEMBER, Routes, build_routes
+from stablenet.proxy.routes import REMEMBER, Routes, build_routes, normalize_host
 from stablenet.proxy.tcp import TcpClient
 from stablenet.registry import Registry, Snapshot
 from stablenet.units import parse_hostport
@@ -34,6 +34,7 @@ RETRY_AFTER = b"1"
 STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 RETRY_FIRST = 0.05  # seconds before a request that failed on every ready endpoint tries again
 RETRY_MAX = 1.0
+HOST_CACHE = 1024  # Host header values whose service is remembered per routing table
 
 DynamicKey = tuple[str, str, str, int]  # service, kind, host, port
 StableHook = Callable[[dict[str, tuple[str, ...]]], None]
@@ -125,6 +126,7 @@ class Proxy(Server):
         self.latency: dict[str, Histogram] = {}
         self.hold_time: dict[str, Histogram] = {}
         self._routes = Routes(-1)
+        self._by_host: dict[bytes, str | None] = {}
         self._tokens: dict[str, str] = {}
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -139,6 +141,11 @@ class Proxy(Server):
         self._dynamic_failed: set[DynamicKey] = set()
         self._dynamic_lock = asyncio.Lock()
         self.loop = asyncio.get_event_loop()
+        # The loop's clock as of the event being handled: refreshed when data arrives, when a
+        # timer or a connect completes, and by the sweep, so never more than SWEEP_INTERVAL
+        # old. Deadlines and latencies read it instead of asking the clock several times per
+        # request.
+        self.now = self.loop.time()
         self.bound: list[tuple[str, int]] = []  # actual addresses, in listener order
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -334,7 +341,20 @@ class Proxy(Server):
         routes = self._routes
         if routes.version != snap.version:
             routes = self._routes = build_routes(snap, self.zone, routes, self.loop.time())
+            self._by_host = {}
         return routes
+
+    def route(self, host: bytes) -> str | None:
+        """The service a Host header names, remembered per routing table by its raw bytes
+        (at most HOST_CACHE of them, so random names cannot grow it)."""
+        routes = self.routes()
+        by_host = self._by_host
+        if host in by_host:
+            return by_host[host]
+        service = routes.service_for(normalize_host(host.decode("latin-1")))
+        if len(by_host) < HOST_CACHE:
+            by_host[host] = service
+        return service
 
     def count(self, service: str | None) -> Counters:
         key = service or "-"
@@ -361,7 +381,7 @@ class Proxy(Server):
         hist = self.latency.get(ex.service)
         if hist is None:
             hist = self.latency[ex.service] = Histogram()
-        hist.observe(self.loop.time() - ex.started)
+        hist.observe(self.now - ex.started)
 
     def _held_for(self, ex: Exchange) -> None:
         """The request leaves the hold (routed, or answered 503): record how long it waited."""
@@ -434,6 +454,7 @@ class Proxy(Server):
             self.dispatch(ex)
             return
         ex.connecting = False
+        self.now = self.loop.time()
         current = self.registry.snapshot.endpoints.get(ep.id)
         if ex.closed or current is None or current.address != ep.address or current.draining:
             if current is not None and current.address == ep.address:
@@ -487,6 +508,7 @@ class Proxy(Server):
         ex.hold_handle = self.loop.call_later(delay, self._retry_now, ex)
 
     def _retry_now(self, ex: Exchange) -> None:
+        self.now = self.loop.time()
         ex.hold_handle = None
         self.unhold(ex)
         ex.tried.clear()
@@ -504,6 +526,7 @@ class Proxy(Server):
                 del self.waiters[ex.service]
 
     def _hold_expired(self, ex: Exchange) -> None:
+        self.now = self.loop.time()
         ex.hold_handle = None
         self.unhold(ex)
         self._unavailable(ex)
@@ -522,6 +545,7 @@ class Proxy(Server):
         """Wake held requests when their service gets a ready endpoint; drop pooled
         connections to endpoints the registry no longer holds."""
         async for snap in self.registry.watch(since):
+            self.now = self.loop.time()
             self.routes()  # keeps hosts of services that just lost every endpoint
             wanted = self.refresh(snap)
             if wanted - self._dynamic_failed != set(self._dynamic):
@@ -549,7 +573,7 @@ class Proxy(Server):
             up = pool.pop()
             transport = up.transport
             if transport is not None and not transport.is_closing():
-                transport.resume_reading()  # a slow client may have paused it on its last use
+                up.set_reading(True)  # a slow client may have paused it on its last use
                 return up
         return None
 
@@ -563,7 +587,7 @@ class Proxy(Server):
         if self._closing or len(pool) >= self.keepalive or transport.is_closing():
             transport.close()
             return
-        up.deadline = self.loop.time() + POOL_IDLE
+        up.deadline = self.now + POOL_IDLE
         pool.append(up)
 
     def pool_discard(self, up: UpstreamConnection) -> None:
@@ -576,7 +600,8 @@ class Proxy(Server):
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
-            self.expire(self.loop.time())
+            self.now = self.loop.time()
+            self.expire(self.now)
 
     def expire(self, now: float) -> None:
         """Act on every deadline that passed by ``now``."""
