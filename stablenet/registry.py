@@ -84,16 +84,14 @@ class Registry:
     """Holds the current Snapshot and swaps it atomically on every effective change."""
 
     def __init__(self) -> None:
-        self._snapshot = Snapshot.build(0, _EMPTY, False, {})
+        # Readers take it as it is (a plain attribute: the proxy reads it on every request);
+        # only ``apply`` replaces it.
+        self.snapshot = Snapshot.build(0, _EMPTY, False, {})
         self._changed = asyncio.Event()
-
-    @property
-    def snapshot(self) -> Snapshot:
-        return self._snapshot
 
     def apply(self, changes: Iterable[Change]) -> Snapshot:
         """Apply changes in order; publish a new version only if something differs."""
-        old = self._snapshot
+        old = self.snapshot
         endpoints = dict(old.endpoints)
         problems = dict(old.problems)
         synced = old.synced
@@ -137,16 +135,16 @@ class Registry:
         if endpoints == old.endpoints and problems == old.problems and synced == old.synced:
             return old
         _log_transitions(old.endpoints, endpoints)
-        self._snapshot = Snapshot.build(old.version + 1, endpoints, synced, problems)
+        self.snapshot = Snapshot.build(old.version + 1, endpoints, synced, problems)
         woken, self._changed = self._changed, asyncio.Event()
         woken.set()
-        return self._snapshot
+        return self.snapshot
 
     async def watch(self, since: int = 0) -> AsyncIterator[Snapshot]:
         """Yield the newest snapshot whenever its version is above the last one seen."""
         while True:
             event = self._changed
-            snap = self._snapshot
+            snap = self.snapshot
             if snap.version > since:
                 since = snap.version
                 yield snap

@@ -1,5 +1,6 @@
 """Proxy benchmark: wrk through stablenet, nginx, HAProxy and Caddy in front of the same nginx
-backend, plus direct to the backend, in one run. Each proxy is pinned to CPU 0; wrk and the
+backend, plus direct to the backend and through ``floor`` (the same data path with no features,
+see floor.py), in one run. Each proxy is pinned to CPU 0; wrk and the
 backend share CPU 1. Every case runs ``--repeat`` times; the run with the median req/s is
 reported, with p50/p99 latency from wrk and the proxy's CPU time per request (user + system of
 its process, from /proc). Traffic stays on 127.0.0.1.
@@ -239,7 +240,9 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument(
-        "--targets", default="direct,stablenet,nginx,haproxy,caddy", help="comma-separated"
+        "--targets",
+        default="direct,stablenet,floor,nginx,haproxy,caddy",
+        help="comma-separated; floor is the feature-less Protocols + httptools proxy",
     )
     args = parser.parse_args()
     # A TERM stops the run cleanly: the backend and proxies started here are stopped too.
@@ -273,13 +276,20 @@ def run_target(target: str, backend: int, work: Path, args: argparse.Namespace) 
         return [measure("direct", backend, None, size, args) for size in SIZES]
     port = free_port()
     env: dict[str, str] = {}
-    if target in ("stablenet", "stablenet-nometrics"):
+    if target in ("stablenet", "stablenet-nometrics", "stablenet-pure"):
         argv = [
             sys.executable, "-m", "benchmarks.proxy.serve_stablenet",
             "--listen", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{backend}",
         ]  # fmt: skip
         if target == "stablenet-nometrics":
             argv.append("--no-metrics")
+        if target == "stablenet-pure":
+            env = {"STABLENET_PURE": "1"}  # the request path as Python, not compiled
+    elif target == "floor":
+        argv = [
+            sys.executable, "-m", "benchmarks.proxy.floor",
+            "--listen", f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{backend}",
+        ]  # fmt: skip
     elif target == "nginx":
         conf = work / "nginx-proxy.conf"
         conf.write_text(NGINX_PROXY_CONF.format(dir=work, port=port, backend=backend))
@@ -321,7 +331,7 @@ def report(results: list[Run], args: argparse.Namespace) -> None:
         if ours is None:
             continue
         parts = []
-        for peer in ("nginx", "haproxy", "caddy"):
+        for peer in ("nginx", "haproxy", "caddy", "floor"):
             ref = by.get((peer, size))
             if ref:
                 parts.append(f"{ours.rps / ref.rps:.2f}x {peer}")

@@ -492,7 +492,8 @@ class ClientConnection:
 
     def finish(self, ex: Exchange, close: bool = False) -> None:
         """The response is complete: log it, then close or move on to the next request."""
-        self.flush()
+        if self.wbuf:
+            self.flush()
         proxy = self.proxy
         proxy.release(ex)
         if proxy.metrics and ex.service:
