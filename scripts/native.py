@@ -54,6 +54,7 @@ def build(force: bool) -> int:
         shutil.copytree(
             native.PACKAGE, work / "stablenet", ignore=shutil.ignore_patterns("__pycache__")
         )
+        digest = native.source_digest(work / "stablenet")  # what is compiled, even if edited now
         (work / "mypy.ini").write_text(MYPY_INI)
         paths = [f"stablenet/{name}" for name in native.COMPILED]
         (work / "setup.py").write_text(SETUP.format(paths=paths, group=GROUP))
@@ -85,8 +86,13 @@ def build(force: bool) -> int:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(so, target)
         (fresh / "digest").write_text(digest + "\n")
-        shutil.rmtree(native.BUILD, ignore_errors=True)
+        # Swap by renames: a process starting meanwhile sees the old build, none, or the new.
+        old = native.BUILD.with_name(".native.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if native.BUILD.exists():
+            native.BUILD.rename(old)
         fresh.rename(native.BUILD)
+        shutil.rmtree(old, ignore_errors=True)
     print(f"native: compiled {len(native.COMPILED)} modules into {native.BUILD}")
     return 0
 

@@ -1,14 +1,21 @@
 """Whether the compiled data plane is used. The request path's modules (listed in COMPILED) are
 plain, fully typed Python; ``scripts/native.py`` compiles them with mypyc into ``.native/`` beside
-the package, with a digest of the sources it compiled. At import, ``stablenet`` and
-``stablenet.proxy`` put that directory first on their ``__path__`` only when the digest matches
-the sources as they are now, so an edited module is never shadowed by a stale build. Set
+the package, with a digest of the package's sources and the interpreter it was built for. At
+import, ``stablenet`` and ``stablenet.proxy`` put that directory first on their ``__path__`` only
+when the digest matches the sources as they are now (every module counts: compiled code checks
+the types of what the others hand it) and the compiled library loads, so an edited module is
+never shadowed by a stale build and a build that cannot load falls back to the sources. Set
 ``STABLENET_PURE=1`` to run the Python sources regardless."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
+import importlib.util
+import logging
 import os
+import sys
+import sysconfig
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent
@@ -22,27 +29,58 @@ COMPILED = (
     "proxy/routes.py",
     "proxy/server.py",
 )
+LIBRARY = "stablenet.dataplane__mypyc"  # the shared library every compiled module lives in
 
+logger = logging.getLogger(__name__)
 _enabled: bool | None = None
 
 
-def source_digest() -> str:
-    """What the compiled build must have been made from."""
+def source_digest(package: Path = PACKAGE) -> str:
+    """What a build must have been made from: every module of the package, and the
+    interpreter (a build for another Python must not count as current)."""
     digest = hashlib.sha256()
-    for name in COMPILED:
-        digest.update(name.encode() + b"\0" + (PACKAGE / name).read_bytes() + b"\0")
+    digest.update(f"{sys.version}\0{sysconfig.get_config_var('EXT_SUFFIX')}\0".encode())
+    for path in sorted(package.rglob("*.py")):
+        name = path.relative_to(package).as_posix()
+        digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
 
+def _wanted() -> bool:
+    return os.environ.get("STABLENET_PURE", "").strip().lower() in ("", "0", "false", "no")
+
+
+def _load_library() -> bool:
+    """Load the compiled library now, so a build that cannot load leaves the sources in use."""
+    if LIBRARY in sys.modules:
+        return True
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    path = BUILD / "stablenet" / ("dataplane__mypyc" + suffix)
+    try:
+        loader = importlib.machinery.ExtensionFileLoader(LIBRARY, str(path))
+        spec = importlib.util.spec_from_file_location(LIBRARY, path, loader=loader)
+        if spec is None:
+            return False
+        module = importlib.util.module_from_spec(spec)
+        loader.exec_module(module)
+    except (ImportError, OSError) as exc:
+        logger.warning(
+            "compiled request path in %s does not load (%s): using the sources", BUILD, exc
+        )
+        return False
+    sys.modules[LIBRARY] = module
+    return True
+
+
 def enabled() -> bool:
-    """A build exists, matches the sources, and STABLENET_PURE is not set."""
+    """A build exists, matches the sources, loads, and STABLENET_PURE is not set."""
     global _enabled
     if _enabled is None:
         try:
             built = (BUILD / "digest").read_text().strip()
-            _enabled = not os.environ.get("STABLENET_PURE") and built == source_digest()
         except OSError:
-            _enabled = False
+            built = ""
+        _enabled = _wanted() and built == source_digest() and _load_library()
     return _enabled
 
 
@@ -55,4 +93,8 @@ def extend(package: str, path: list[str]) -> list[str]:
 
 
 def describe() -> str:
-    return "compiled (mypyc)" if enabled() else "pure Python"
+    """What runs the request path, judged by where its main module was loaded from."""
+    module = sys.modules.get("stablenet.proxy.http")
+    if module is not None and not str(getattr(module, "__file__", "")).endswith(".py"):
+        return "compiled (mypyc)"
+    return "pure Python"

@@ -18,6 +18,7 @@ from aiohttp import web
 from stablenet.config import ProxyConfig
 from stablenet.model import Drain, Endpoint, Remove, Upsert
 from stablenet.proxy import Proxy
+from stablenet.proxy.server import HOST_CACHE
 from stablenet.registry import Registry
 from tests.helpers import free_port
 
@@ -179,6 +180,70 @@ async def test_forwarded_headers_set_and_hop_by_hop_removed(
     assert seen["X-Forwarded-Host"] == HOST
     assert "X-Secret" not in seen
     assert "Keep-Alive" not in seen
+
+
+@pytest.mark.parametrize(
+    ("fields", "kept", "dropped"),
+    [
+        # The common case: only Connection: keep-alive, cut from the head as received.
+        (b"Connection: keep-alive\r\nX-Kept: 1\r\n", [b"x-kept: 1"], [b"connection: keep"]),
+        # Connection naming another field drops that field too, whatever its case.
+        (
+            b"Connection: keep-alive, X-Internal\r\nx-internal: secret\r\nX-Kept: 1\r\n",
+            [b"x-kept: 1"],
+            [b"x-internal", b"connection: keep"],
+        ),
+        # Every hop-by-hop field, upper case, with a token list.
+        (
+            b"KEEP-ALIVE: timeout=5\r\nCONNECTION: Close, X-A\r\nX-A: 1\r\nTE: trailers\r\n"
+            b"Trailer: X-T\r\nProxy-Connection: keep-alive\r\nX-Kept: 1\r\n",
+            [b"x-kept: 1"],
+            [b"keep-alive:", b"x-a:", b"te:", b"trailer:", b"proxy-connection:"],
+        ),
+    ],
+)
+async def test_response_hop_by_hop_fields_removed(
+    fields: bytes, kept: list[bytes], dropped: list[bytes]
+) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 Fine Thanks\r\n" + fields + b"Content-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.read()
+
+    registry = Registry()
+    async with raw_backend(answer) as port:
+        registry.apply([Upsert(endpoint(port))])
+        async with running_proxy(registry) as (_, url):
+            answer_bytes = await exchange_raw(
+                url, b"GET / HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % HOST.encode()
+            )
+    head, _, body = answer_bytes.partition(b"\r\n\r\n")
+    lines = head.lower().split(b"\r\n")
+    assert lines[0] == b"http/1.1 200 fine thanks"
+    assert body == b"ok"
+    for field in kept:
+        assert field in lines
+    for field in dropped:
+        assert not any(line.startswith(field) for line in lines), (field, lines)
+    assert lines.count(b"connection: close") == 1  # ours: the client asked to close
+
+
+async def test_host_routes_follow_the_registry_and_stay_bounded() -> None:
+    registry = Registry()
+    async with running_proxy(registry) as (proxy, _):
+        assert proxy.route(HOST.encode()) is None
+        registry.apply([Upsert(endpoint(free_port()))])
+        # A new routing table: the remembered miss is gone; case, port and a final dot are
+        # the same host.
+        for raw in (HOST, HOST.upper(), HOST + ":80", HOST + "."):
+            assert proxy.route(raw.encode()) == "web", raw
+        for n in range(3 * HOST_CACHE):
+            assert proxy.route(b"random-%d.example" % n) is None
+        assert proxy.route(HOST.encode()) == "web"
+        assert len(proxy._by_host) <= HOST_CACHE
+        proxy.route(b"x" * 4000)  # too long to remember
+        assert b"x" * 4000 not in proxy._by_host
 
 
 async def test_keep_alive_reuses_backend_connections(one_backend: tuple[Registry, int]) -> None:

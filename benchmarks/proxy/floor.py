@@ -51,6 +51,10 @@ class Upstream(Side):
         self.client: Client | None = None
         self.parser = httptools.HttpResponseParser(self)
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self in self.pool:
+            self.pool.remove(self)
+
     def on_headers_complete(self) -> None:
         assert self.client is not None
         out = [b"HTTP/1.1 %d OK\r\n" % self.parser.get_status_code()]

@@ -722,6 +722,7 @@ class ClientConnection:
         self.respond(ex, 502, f"bad gateway: {why}")
 
     def _settle_empty(self, ex: Exchange, up: UpstreamConnection, exc: Exception | None) -> None:
+        self.proxy.now = self.proxy.loop.time()
         if ex.closed:
             return
         if self._endpoint_gone(ex.endpoint):
@@ -921,6 +922,7 @@ class UpstreamConnection:
 
     def connection_lost(self, exc: Exception | None) -> None:
         proxy = self.proxy
+        proxy.now = proxy.loop.time()
         proxy.upstreams.discard(self)
         proxy.pool_discard(self)
         tunnel = self.tunnel_to

@@ -35,6 +35,7 @@ STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
 RETRY_FIRST = 0.05  # seconds before a request that failed on every ready endpoint tries again
 RETRY_MAX = 1.0
 HOST_CACHE = 1024  # Host header values whose service is remembered per routing table
+HOST_CACHE_KEY = 260  # longest one remembered: a DNS name (253) and a port
 
 DynamicKey = tuple[str, str, str, int]  # service, kind, host, port
 StableHook = Callable[[dict[str, tuple[str, ...]]], None]
@@ -345,14 +346,17 @@ class Proxy(Server):
         return routes
 
     def route(self, host: bytes) -> str | None:
-        """The service a Host header names, remembered per routing table by its raw bytes
-        (at most HOST_CACHE of them, so random names cannot grow it)."""
+        """The service a Host header names, remembered per routing table by its raw bytes:
+        at most HOST_CACHE values of a plausible length, started afresh when full, so random
+        names neither grow it nor keep real ones out."""
         routes = self.routes()
         by_host = self._by_host
         if host in by_host:
             return by_host[host]
         service = routes.service_for(normalize_host(host.decode("latin-1")))
-        if len(by_host) < HOST_CACHE:
+        if len(host) <= HOST_CACHE_KEY:
+            if len(by_host) >= HOST_CACHE:
+                by_host.clear()
             by_host[host] = service
         return service
 
@@ -442,6 +446,7 @@ class Proxy(Server):
                 )
             up = cast(UpstreamConnection, protocol)
         except (OSError, TimeoutError) as exc:
+            self.now = self.loop.time()
             ex.connecting = False
             self.release(ex)
             why = "connect timeout" if isinstance(exc, TimeoutError) else f"connect: {exc}"
