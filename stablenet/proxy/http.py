@@ -321,8 +321,12 @@ class ClientConnection:
         assert ex is not None
         parser = self.parser
         ex.method = parser.get_method().decode("ascii", "replace")
-        ex.version = parser.get_http_version()
-        ex.keep_alive = parser.should_keep_alive()
+        keep = parser.should_keep_alive()
+        ex.keep_alive = keep
+        if keep and (ex.conn_tokens is None or b"keep-alive" not in ex.conn_tokens):
+            ex.version = "1.1"  # only HTTP/1.1 is kept alive without asking (llhttp's rule)
+        else:
+            ex.version = parser.get_http_version()  # formats a string: not on the hot path
         ex.head_request = ex.method == "HEAD"
         self.raw_pending = 0
         if ex.upgrade is not None and not parser.should_upgrade():
@@ -540,7 +544,14 @@ class ClientConnection:
             self.deadline = proxy.now + proxy.idle_timeout
             self.deadline_kind = DEADLINE_IDLE
 
-    def response_head(self, ex: Exchange, up: UpstreamConnection, status: int) -> None:
+    def response_head(
+        self,
+        ex: Exchange,
+        up: UpstreamConnection,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        reason: bytes,
+    ) -> None:
         transport = self.transport
         if transport is None:
             return
@@ -549,8 +560,8 @@ class ClientConnection:
         length = False
         drop: list[bytes] | None = None
         upgrade: bytes | None = None
-        out: list[bytes] = [b"HTTP/1.1 %d %b\r\n" % (status, up.reason)]
-        for name, value in up.headers:
+        out: list[bytes] = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
+        for name, value in headers:
             lname = name.lower()
             if lname in HOP_BY_HOP:
                 if lname == b"transfer-encoding":
@@ -951,9 +962,6 @@ class UpstreamConnection:
 
     # -- llhttp callbacks ---------------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        self.headers = []
-
     def on_status(self, status: bytes) -> None:
         self.reason = status
 
@@ -961,6 +969,11 @@ class UpstreamConnection:
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        # This message's fields and reason, taken so the next message starts empty (cheaper
+        # than an on_message_begin callback per response).
+        headers, reason = self.headers, self.reason
+        self.headers = []
+        self.reason = b""
         ex = self.exchange
         if ex is None:
             return
@@ -969,7 +982,7 @@ class UpstreamConnection:
             raise _Stop("101 to a request without Upgrade")
         self.until_close = False
         self.deadline = self.proxy.now + self.proxy.response_timeout
-        ex.conn.response_head(ex, self, status)
+        ex.conn.response_head(ex, self, status, headers, reason)
 
     def on_body(self, body: bytes) -> None:
         ex = self.exchange
