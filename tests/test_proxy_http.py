@@ -229,6 +229,32 @@ async def test_response_hop_by_hop_fields_removed(
     assert lines.count(b"connection: close") == 1  # ours: the client asked to close
 
 
+async def test_a_response_without_reason_phrase_does_not_inherit_one() -> None:
+    """Two responses on one pooled backend connection; the second has no reason phrase."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 Fine Thanks\r\nContent-Length: 2\r\n\r\nok")
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 204\r\n\r\n")
+        await reader.read()
+
+    registry = Registry()
+    request = b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % HOST.encode()
+    async with raw_backend(answer) as port:
+        registry.apply([Upsert(endpoint(port))])
+        async with running_proxy(registry) as (proxy, url):
+            first = await exchange_raw(
+                url, request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+            )
+            second = await exchange_raw(
+                url, request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+            )
+            assert len(proxy.upstreams) == 1  # the same backend connection served both
+    assert first.startswith(b"HTTP/1.1 200 Fine Thanks\r\n")
+    assert second.startswith(b"HTTP/1.1 204 \r\n")
+
+
 async def test_host_routes_follow_the_registry_and_stay_bounded() -> None:
     registry = Registry()
     async with running_proxy(registry) as (proxy, _):
