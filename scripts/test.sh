@@ -15,3 +15,7 @@ export DOCKER_HOST
 .venv/bin/ruff format --check stablenet tests benchmarks scripts
 .venv/bin/mypy
 .venv/bin/python -m pytest "$@"
+# The request path also as plain Python, as it runs where nothing compiled it (the Docker image).
+if [ "$#" -eq 0 ]; then
+    STABLENET_PURE=1 .venv/bin/python -m pytest -q tests/test_proxy_http.py tests/test_proxy_core.py
+fi
