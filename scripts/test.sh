@@ -17,5 +17,6 @@ export DOCKER_HOST
 .venv/bin/python -m pytest "$@"
 # The request path also as plain Python, as it runs where nothing compiled it (the Docker image).
 if [ "$#" -eq 0 ]; then
-    STABLENET_PURE=1 .venv/bin/python -m pytest -q tests/test_proxy_http.py tests/test_proxy_core.py
+    STABLENET_PURE=1 .venv/bin/python -m pytest -q tests/test_proxy_http.py tests/test_proxy_core.py \
+        tests/test_proxy_fuzz.py
 fi
