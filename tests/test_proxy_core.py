@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from stablenet.model import Endpoint, Remove, Upsert
-from stablenet.proxy.balance import Balancer, target_of
+from stablenet.proxy.balance import Balancer, retry_backoff, target_of
 from stablenet.proxy.routes import build_routes, normalize_host
 from stablenet.registry import Registry
 
@@ -122,3 +122,13 @@ def test_p2c_with_only_weight_zero_endpoints_still_picks() -> None:
     ready = [ep(i, weight=0) for i in range(1, 4)]
     picked = {balancer.pick("web", ready, set()).id for _ in range(60)}  # type: ignore[union-attr]
     assert picked <= {e.id for e in ready} and len(picked) > 1
+
+
+def test_retry_backoff_doubles_to_a_cap_and_never_passes_the_deadline() -> None:
+    waits, previous = [], 0.0
+    for _ in range(8):
+        wait, previous = retry_backoff(previous, now=0.0, deadline=100.0)
+        waits.append(wait)
+    assert waits == [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0]
+    assert retry_backoff(0.8, now=9.7, deadline=10.0)[0] == pytest.approx(0.3)
+    assert retry_backoff(0.8, now=10.5, deadline=10.0)[0] == 0.0

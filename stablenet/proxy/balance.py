@@ -17,6 +17,19 @@ POLICIES = ("p2c", "round_robin", "least_requests")
 Target = tuple[str, str, int, float]
 
 
+RETRY_FIRST = 0.05  # seconds before a request that failed on every ready endpoint tries again
+RETRY_MAX = 1.0
+
+
+def retry_backoff(previous: float, now: float, deadline: float) -> tuple[float, float]:
+    """When every ready endpoint failed a request or connection (typically a single replica
+    back in the registry but not listening yet): how long to wait before trying them all
+    again, never past ``deadline``, and the wait to pass as ``previous`` next time. Starts at
+    RETRY_FIRST (``previous`` 0) and doubles up to RETRY_MAX."""
+    wait = min(previous or RETRY_FIRST, RETRY_MAX, max(0.0, deadline - now))
+    return wait, min(wait * 2, RETRY_MAX)
+
+
 def target_of(ep: Endpoint) -> Target:
     return (ep.id, ep.address, ep.port or 0, ep.started_at)
 

@@ -18,7 +18,7 @@ from stablenet.histogram import Histogram
 from stablenet.lifecycle import Server
 from stablenet.model import Endpoint
 from stablenet.proxy import vip
-from stablenet.proxy.balance import Balancer, sticky_token, target_of
+from stablenet.proxy.balance import Balancer, retry_backoff, sticky_token, target_of
 from stablenet.proxy.http import ClientConnection, Exchange, UpstreamConnection
 from stablenet.proxy.routes import REMEMBER, Routes, build_routes, normalize_host
 from stablenet.proxy.tcp import TcpClient
@@ -32,8 +32,6 @@ POOL_IDLE = 30.0  # seconds an idle backend connection is kept
 DRAIN_GRACE = 10.0  # seconds in-flight requests get to finish on shutdown
 RETRY_AFTER = b"1"
 STATUS_CLASS = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
-RETRY_FIRST = 0.05  # seconds before a request that failed on every ready endpoint tries again
-RETRY_MAX = 1.0
 HOST_CACHE = 1024  # Host header values whose service is remembered per routing table
 HOST_CACHE_KEY = 260  # longest one remembered: a DNS name (253) and a port
 
@@ -491,15 +489,14 @@ class Proxy(Server):
     def _retry_later(self, ex: Exchange) -> None:
         """Every ready endpoint already failed this request (typically a single replica that
         is back in the registry but not listening yet). Hold it: a new endpoint wakes it at
-        once, and the same ones are tried again after a backoff that doubles up to RETRY_MAX,
-        all within the hold timeout. The registry still holds those addresses for those very
+        once, and the same ones are tried again after ``retry_backoff``, all within the hold
+        timeout. The registry still holds those addresses for those very
         containers, so a retry cannot reach a container that took a freed address."""
         now = self.loop.time()
         if now >= ex.hold_deadline or self._closing:
             self._unavailable(ex)
             return
-        delay = min(ex.retry_delay or RETRY_FIRST, RETRY_MAX, ex.hold_deadline - now)
-        ex.retry_delay = min(delay * 2, RETRY_MAX)
+        delay, ex.retry_delay = retry_backoff(ex.retry_delay, now, ex.hold_deadline)
         if not ex.held:
             self.count(ex.service).holds += 1
             if not ex.hold_started:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from stablenet.model import Endpoint
-from stablenet.proxy.balance import Target, target_of
+from stablenet.proxy.balance import Target, retry_backoff, target_of
 
 if TYPE_CHECKING:
     from stablenet.proxy.server import Proxy
@@ -93,7 +93,7 @@ class TcpClient(_Pipe):
         deadline = loop.time() + proxy.hold_timeout
         tried: set[Target] = set()
         held = False
-        backoff = 0.05
+        backoff = 0.0
         while self.transport is not None:
             snap = proxy.registry.snapshot
             ready = snap.ready.get(self.service, ())
@@ -101,8 +101,8 @@ class TcpClient(_Pipe):
             if ep is None and ready and loop.time() < deadline:
                 # Every ready endpoint refused (a replica back but not listening yet):
                 # try them again shortly, within the hold timeout.
-                await asyncio.sleep(min(backoff, max(0.0, deadline - loop.time())))
-                backoff = min(backoff * 2, 1.0)
+                wait, backoff = retry_backoff(backoff, loop.time(), deadline)
+                await asyncio.sleep(wait)
                 tried.clear()
                 continue
             if ep is None:
