@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -270,6 +271,28 @@ async def test_host_routes_follow_the_registry_and_stay_bounded() -> None:
         assert len(proxy._by_host) <= HOST_CACHE
         proxy.route(b"x" * 4000)  # too long to remember
         assert b"x" * 4000 not in proxy._by_host
+
+
+async def test_access_log_names_request_status_service_and_endpoint(
+    one_backend: tuple[Registry, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    registry, port = one_backend
+    caplog.set_level(logging.INFO, logger="stablenet.proxy.access")
+    async with (
+        running_proxy(registry, access_log=True) as (_, url),
+        aiohttp.ClientSession() as http,
+    ):
+        async with http.get(url + "/a%20b?q=\x01", headers={"Host": HOST}) as resp:
+            assert resp.status == 200
+        async with http.get(url + "/", headers={"Host": "nothing.example"}) as resp:
+            assert resp.status == 404
+    lines = [r.getMessage() for r in caplog.records if r.name == "stablenet.proxy.access"]
+    assert len(lines) == 2, lines
+    assert re.fullmatch(
+        rf'127\.0\.0\.1 "GET /a%20b\?q=\S* HTTP/1\.1" 200 web 127\.0\.0\.1:{port} [\d.]+ms',
+        lines[0],
+    ), lines[0]
+    assert re.fullmatch(r'127\.0\.0\.1 "GET / HTTP/1\.1" 404 - - [\d.]+ms', lines[1]), lines[1]
 
 
 async def test_keep_alive_reuses_backend_connections(one_backend: tuple[Registry, int]) -> None:
