@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import os
 import sys
@@ -13,7 +14,7 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
-from stablenet import __version__, config, logs
+from stablenet import __version__, config, logs, native
 from stablenet.units import parse_hostport
 
 EXIT_CONFIG = 2
@@ -40,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     services.add_argument("--admin", metavar="URL", help="admin API URL (default from config)")
     check = sub.add_parser("check-config", help="validate the config; exit 0, or 2 with why")
     check.add_argument("--config", metavar="PATH")
-    sub.add_parser("version", help="print the version")
+    sub.add_parser("version", help="print the version and which build of the proxy runs")
     return parser
 
 
@@ -48,7 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "version":
+            importlib.import_module("stablenet.proxy.http")  # to say which build of it loads
             print(f"stablenet {__version__}")
+            print(f"request path: {native.describe()}")
             return 0
         if args.command == "check-config":
             config.load(args.config)

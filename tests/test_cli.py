@@ -16,6 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from stablenet import native
 from stablenet.cli import render_table
 from tests.helpers import Containers, free_port, ip_of, off_loop
 
@@ -34,10 +35,15 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     )
 
 
-def test_version() -> None:
+def test_version_says_which_build_of_the_request_path_runs() -> None:
     result = cli("version")
     assert result.returncode == 0
-    assert result.stdout.startswith("stablenet 0.")
+    name, build = result.stdout.splitlines()
+    assert name.startswith("stablenet 0.")
+    expected = "compiled (mypyc)" if native.enabled() else "pure Python"
+    assert build == f"request path: {expected}"
+    pure = cli("version", env={"STABLENET_PURE": "1"})
+    assert pure.stdout.splitlines()[1] == "request path: pure Python"
 
 
 def test_check_config_accepts_shipped_file() -> None:
