@@ -93,6 +93,7 @@ class AdminServer(Server):
         events: EventLog | None = None,
         metrics: Callable[[], bytes] | None = None,
     ) -> None:
+        super().__init__()
         self._registry = registry
         self._events = events
         self._metrics = metrics

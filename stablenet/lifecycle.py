@@ -1,17 +1,26 @@
 """The shape every listening part shares: ``start()`` opens its sockets (raising StartupError
 when it cannot), ``stop()`` stops accepting and drains within a bound; ``async with`` runs one
-then the other, so the daemon can stack them in an AsyncExitStack."""
+then the other, so the daemon can stack them in an AsyncExitStack. A server also owns the tasks
+it spawns: failures are logged, and ``cancel_tasks`` ends them all on the way out."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Coroutine
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from mypy_extensions import mypyc_attr
+
+logger = logging.getLogger(__name__)
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)  # compiled with the proxy; the others subclass it
 class Server:
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
     async def start(self) -> None:
         raise NotImplementedError
 
@@ -29,3 +38,21 @@ class Server:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str | None = None) -> None:
+        """Run a coroutine owned by this server until it ends or ``cancel_tasks``."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    async def cancel_tasks(self) -> None:
+        """Cancel every task this server spawned and wait for them to end."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

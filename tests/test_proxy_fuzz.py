@@ -163,9 +163,7 @@ async def exchange(
     await asyncio.sleep(0)
     transport.abort()  # the client goes away: everything it started must be let go
     await asyncio.sleep(0)
-    for task in list(proxy._tasks):
-        task.cancel()
-    await asyncio.gather(*proxy._tasks, return_exceptions=True)
+    await proxy.cancel_tasks()
     written = bytes(transport.written)
     assert not written or written.startswith(b"HTTP/1.1 "), written[:200]
     assert proxy.balancer.inflight == {}, proxy.balancer.inflight

@@ -11,7 +11,7 @@ import contextlib
 import ipaddress
 import logging
 import struct
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -116,6 +116,7 @@ class DnsServer(Server):
         stats: DnsStats | None = None,
         resolv_conf: Path = Path("/etc/resolv.conf"),
     ) -> None:
+        super().__init__()
         self.registry = registry
         self.config = config
         self.stats = stats if stats is not None else DnsStats()
@@ -135,7 +136,6 @@ class DnsServer(Server):
         self._udp: list[asyncio.DatagramTransport] = []
         self._tcp: list[asyncio.Server] = []
         self._tcp_clients: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -226,22 +226,13 @@ class DnsServer(Server):
             server.close()
         for writer in list(self._tcp_clients):
             writer.close()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.cancel_tasks()
         for server in self._tcp:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2):
                     await server.wait_closed()
         self._udp.clear()
         self._tcp.clear()
-
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run a coroutine owned by this server: cancelled and awaited on close."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     # -- runtime changes ----------------------------------------------------------------------
 

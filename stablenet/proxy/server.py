@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -96,6 +96,7 @@ class Proxy(Server):
         metrics: bool = True,
         on_stable: StableHook = no_stable,
     ) -> None:
+        super().__init__()
         self.registry = registry
         self.config = config
         self.zone = zone
@@ -128,7 +129,6 @@ class Proxy(Server):
         self._by_host: dict[bytes, str | None] = {}
         self._tokens: dict[str, str] = {}
         self._servers: list[asyncio.Server] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._added: list[str] = []
         self._closing = False
         # Listeners declared by the stablenet.proxy.listen label: (service, kind, host, port).
@@ -310,10 +310,7 @@ class Proxy(Server):
                 if up.transport is not None:
                     up.transport.close()
         self.pools.clear()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.cancel_tasks()
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
@@ -321,17 +318,6 @@ class Proxy(Server):
         for host in self._added:
             await vip.remove(host)
         self._added.clear()
-
-    def spawn(self, coro: Coroutine[Any, Any, None], name: str | None = None) -> None:
-        """Run a coroutine owned by the proxy: cancelled on shutdown, failures logged."""
-        task = self.loop.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("proxy task %s failed", task.get_name(), exc_info=task.exception())
 
     # -- routing and dispatch -----------------------------------------------------------------
 
