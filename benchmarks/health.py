@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.processes import cpu_seconds, stop
 from stablenet.config import HealthConfig
 from stablenet.health.checker import HealthChecker
 from stablenet.model import Endpoint, HealthSpec, State, Upsert
@@ -123,11 +123,6 @@ async def cpu_cost(count: int, seconds: float, port: int, http: bool) -> dict[st
     }
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def haproxy_cost(count: int, seconds: float, port: int, workdir: Path) -> dict[str, Any]:
     """The same checks done by HAProxy (1,000 servers, `check inter 1s`), for comparison."""
     haproxy = shutil.which("haproxy")
@@ -150,12 +145,11 @@ async def haproxy_cost(count: int, seconds: float, port: int, workdir: Path) -> 
         await asyncio.sleep(3)  # let every server pass its first check
         if proc.poll() is not None:
             raise RuntimeError(f"haproxy exited with {proc.returncode}; config {conf}")
-        cpu0, wall0 = proc_cpu_seconds(proc.pid), time.monotonic()
+        cpu0, wall0 = cpu_seconds(proc.pid), time.monotonic()
         await asyncio.sleep(seconds)
-        cpu, wall = proc_cpu_seconds(proc.pid) - cpu0, time.monotonic() - wall0
+        cpu, wall = cpu_seconds(proc.pid) - cpu0, time.monotonic() - wall0
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop(proc)
     return {
         "kind": "haproxy http",
         "endpoints": count,
@@ -229,8 +223,7 @@ async def main() -> None:
             peer = await haproxy_cost(args.endpoints, args.seconds, port, Path(tmp))
             react = await reaction(port)
         finally:
-            backend.terminate()
-            backend.wait(10)
+            stop(backend)
     for row in (http, tcp, peer):
         if "skipped" in row:
             print(f"{row['kind']}: {row['skipped']}")

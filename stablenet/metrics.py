@@ -23,8 +23,6 @@ from stablenet.model import State
 from stablenet.proxy import Proxy
 from stablenet.registry import Registry
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
 
 class Collector:
     """Builds every stablenet_* family from the parts given. Any part may be None (disabled)."""
@@ -116,28 +114,24 @@ class Collector:
         )
 
     def _dns_metrics(self, stats: DnsStats) -> Iterable[Metric]:
-        queries = CounterMetricFamily(
-            "stablenet_dns_queries", "DNS queries answered, by type.", labels=["qtype"]
-        )
-        for qtype, count in sorted(stats.queries_by_type().items()):
-            queries.add_metric([qtype], count)
-        yield queries
-        rcodes = CounterMetricFamily(
-            "stablenet_dns_responses", "DNS responses, by rcode.", labels=["rcode"]
-        )
-        for rcode, count in sorted(stats.replies_by_rcode().items()):
-            rcodes.add_metric([rcode], count)
-        yield rcodes
-        for name, attr, doc in (
-            ("cache_hits", "cache_hits", "Answers served from prepared wire responses."),
-            ("forwarded", "forwarded", "Questions forwarded upstream."),
-            ("forward_cache_hits", "forward_cache_hits", "Forwarded names answered from cache."),
-            ("forward_failures", "forward_failures", "Upstream failures answered SERVFAIL."),
-            ("refused", "refused", "Queries refused (client not allowed)."),
-            ("malformed", "malformed", "Malformed packets."),
-            ("truncated", "truncated", "UDP answers truncated (TC)."),
+        for name, doc, label, counts in (
+            ("queries", "DNS queries answered, by type.", "qtype", stats.queries_by_type()),
+            ("responses", "DNS responses, by rcode.", "rcode", stats.replies_by_rcode()),
         ):
-            yield CounterMetricFamily(f"stablenet_dns_{name}", doc, value=getattr(stats, attr))
+            family = CounterMetricFamily(f"stablenet_dns_{name}", doc, labels=[label])
+            for key, count in sorted(counts.items()):
+                family.add_metric([key], count)
+            yield family
+        for attr, doc in (
+            ("cache_hits", "Answers served from prepared wire responses."),
+            ("forwarded", "Questions forwarded upstream."),
+            ("forward_cache_hits", "Forwarded names answered from cache."),
+            ("forward_failures", "Upstream failures answered SERVFAIL."),
+            ("refused", "Queries refused (client not allowed)."),
+            ("malformed", "Malformed packets."),
+            ("truncated", "UDP answers truncated (TC)."),
+        ):
+            yield CounterMetricFamily(f"stablenet_dns_{attr}", doc, value=getattr(stats, attr))
 
     def _proxy_metrics(self, proxy: Proxy) -> Iterable[Metric]:
         counted = {

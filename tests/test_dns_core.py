@@ -73,8 +73,8 @@ def addresses(reply: dns.message.Message) -> set[str]:
     return {rdata.to_text() for rrset in reply.answer for rdata in rrset}
 
 
-def new_resolver(**kw: object) -> Resolver:
-    return Resolver(ZoneSettings(ttl=5, negative_ttl=3), allow=LOOPBACK, **kw)  # type: ignore[arg-type]
+def new_resolver() -> Resolver:
+    return Resolver(ZoneSettings(ttl=5, negative_ttl=3), allow=LOOPBACK)
 
 
 def test_service_answers_only_ready_endpoints_authoritatively() -> None:

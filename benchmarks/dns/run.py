@@ -109,7 +109,6 @@ def dnsperf(port: int, queries: Path, seconds: float, once: bool = False) -> dic
         "sent": grab("Queries sent"),
         "lost": grab("Queries lost"),
         "latency_ms": grab(r"Average Latency \(s\)") * 1000,
-        "noerror": float("NOERROR" in out),
     }
 
 

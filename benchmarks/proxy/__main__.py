@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks.processes import stop
+from benchmarks.processes import cpu_seconds, stop
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 HOST = "web.stablenet.internal"
@@ -139,27 +139,6 @@ def wait_port(port: int, deadline: float = 10.0) -> None:
             return
         time.sleep(0.05)
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
-
-
-def _tree(pid: int) -> list[int]:
-    """The process and its descendants (nginx's master forks its worker)."""
-    pids = [pid]
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):
-            for child in (task / "children").read_text().split():
-                pids += _tree(int(child))
-    return pids
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, its threads and its descendants."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for one in _tree(pid):
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-    return total / ticks
 
 
 @contextlib.contextmanager

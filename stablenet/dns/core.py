@@ -35,6 +35,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 FastEntry = tuple[float, bytes, tuple[int, int]]  # (expires, reply without id, (qtype, rcode))
 
 FORWARD_MAX_TTL = 86400  # a forwarded answer is never kept longer than this
+FORWARD_NEGATIVE_MAX_TTL = 300.0  # nor a forwarded negative one (NXDOMAIN, NODATA) longer
 FORWARD_FRESH = 1.0  # a prepared forwarded reply is rebuilt (TTLs counted down) this often
 _ALLOWED_MEMO = 4096
 _HINFO_RFC8482 = RAW_RD(b"\x07RFC8482\x00")
@@ -86,14 +87,18 @@ class ForwardCache:
         self._entries.move_to_end(key)
         return entry.record, now - entry.stored, entry.expires - now
 
-    def put(self, key: tuple[tuple[bytes, ...], int, int], record: DNSRecord, now: float) -> None:
+    def put(
+        self, key: tuple[tuple[bytes, ...], int, int], record: DNSRecord, now: float
+    ) -> float | None:
+        """Keep a reply for as long as ``ttl_of`` allows; returns that (None: not kept)."""
         ttl = self.ttl_of(record)
         if ttl is None or ttl <= 0:
-            return
+            return ttl
         self._entries[key] = _Cached(record, now, now + ttl)
         self._entries.move_to_end(key)
         while len(self._entries) > self._size:
             self._entries.popitem(last=False)
+        return ttl
 
     def ttl_of(self, record: DNSRecord) -> float | None:
         """How long a reply may be kept, or None when it must not be (errors, no SOA)."""
@@ -119,19 +124,16 @@ class Resolver:
         allow: Iterable[Network] = (),
         stats: DnsStats | None = None,
         cache_size: int = 10000,
-        negative_max: float = 300.0,
-        forwarding: bool = True,
     ) -> None:
         self.settings = settings
         self.stats = stats if stats is not None else DnsStats()
-        self.forwarding = forwarding
         self._allow: tuple[Network, ...] = tuple(allow)
         self._allowed: dict[str, bool] = {}
         self._cache_size = cache_size
         self._fast: dict[bytes, FastEntry] = {}
         self._version = -1
         self._index: ZoneIndex | None = None
-        self.forward_cache = ForwardCache(cache_size, negative_max)
+        self.forward_cache = ForwardCache(cache_size, FORWARD_NEGATIVE_MAX_TTL)
 
     # -- configuration that changes at run time --------------------------------------------
 
@@ -231,8 +233,6 @@ class Resolver:
             hinfo = RR(DNSLabel(query.labels), wire.HINFO, ttl=3600, rdata=_HINFO_RFC8482)
             reply = self._build(query, Result(wire.NOERROR, answer=(hinfo,)), aa=False)
             return self._finish(query, reply, tcp, key, _NEVER)
-        if not self.forwarding:
-            return self._short(query, wire.REFUSED)
         cached = self.forward_cache.get((query.labels, query.qtype, query.qclass), now)
         if cached is not None:
             record, age, left = cached
@@ -253,8 +253,7 @@ class Resolver:
             self.stats.forward_failures += 1
             logger.debug("unreadable upstream reply for %s", query.name)
             return self._short(query, wire.SERVFAIL)
-        self.forward_cache.put(request.question, record, now)
-        ttl = self.forward_cache.ttl_of(record)
+        ttl = self.forward_cache.put(request.question, record, now)
         reply = self._relay(query, record, 0)
         expires = now + min(FORWARD_FRESH, ttl) if ttl else 0.0
         return self._finish(query, reply, request.tcp, request.key, expires)

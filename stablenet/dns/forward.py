@@ -111,10 +111,6 @@ class Forwarder:
         self.stats = stats if stats is not None else DnsStats()
         self._inflight: dict[Question, asyncio.Future[bytes | None]] = {}
 
-    @property
-    def inflight(self) -> int:
-        return len(self._inflight)
-
     async def ask(self, question: Question) -> bytes | None:
         pending = self._inflight.get(question)
         if pending is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import struct
@@ -145,10 +146,8 @@ class DnsServer(Server):
             self.config.listen, networks.bridge_gateway if networks else None
         )
         self.resolver.set_allow(allow_networks(self.config.allow, networks))
-        self.resolver.settings = ZoneSettings(
-            zone=self.resolver.settings.zone,
-            ttl=self.resolver.settings.ttl,
-            negative_ttl=self.resolver.settings.negative_ttl,
+        self.resolver.settings = dataclasses.replace(
+            self.resolver.settings,
             own_addresses=tuple(h for h, _ in addresses if h not in ("0.0.0.0", "::")),
         )
         self.forwarder.upstreams = tuple(self._upstreams(addresses))

@@ -237,11 +237,6 @@ def header_reply(header: bytes, rcode: int) -> bytes:
     return HEADER.pack(qid, reply_flags(flags, rcode), 0, 0, 0, 0)
 
 
-def with_id(qid: int, body: bytes) -> bytes:
-    """A prepared reply (everything after the id) for a transaction id."""
-    return qid.to_bytes(2, "big") + body
-
-
 def encode_name(labels: tuple[bytes, ...]) -> bytes:
     return b"".join(bytes((len(label),)) + label for label in labels) + b"\x00"
 

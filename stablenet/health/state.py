@@ -56,24 +56,20 @@ class EndpointHealth:
     ejected_until: float = 0.0
     last_ejected: float = float("-inf")
     reason: str = "not checked yet"
-    last_check: float = 0.0
     first_check: float | None = None
 
     @property
     def routed(self) -> bool:
         return self.health is Health.UP
 
-    def _move(self, to: Health, reason: str, now: float) -> bool:
-        changed = to is not self.health
-        if changed:
+    def _move(self, to: Health, reason: str) -> None:
+        if to is not self.health:
             logger.debug("health %s -> %s (%s)", self.health.value, to.value, reason)
         self.health = to
         self.reason = reason
-        return changed
 
     def check_result(self, passing: bool, reason: str, now: float) -> bool:
         """Record an active check (or a probe after ejection). True when ``routed`` changed."""
-        self.last_check = now
         if self.first_check is None:
             self.first_check = now
         if passing:
@@ -85,19 +81,19 @@ class EndpointHealth:
         was = self.routed
         match self.health, passing:
             case Health.UNKNOWN, True:
-                self._move(Health.UP, reason, now)
+                self._move(Health.UP, reason)
             case Health.UNKNOWN, False if (
                 self.failures >= self.limits.fall
                 and now - self.first_check >= self.limits.start_grace
             ):
-                self._move(Health.DOWN, reason, now)
+                self._move(Health.DOWN, reason)
             case Health.UP, False if self.failures >= self.limits.fall:
-                self._move(Health.DOWN, reason, now)
+                self._move(Health.DOWN, reason)
             case Health.DOWN, True if self.passes >= self.limits.rise:
-                self._move(Health.UP, reason, now)
+                self._move(Health.UP, reason)
             case Health.EJECTED, True if now >= self.ejected_until:
                 self.request_failures = 0
-                self._move(Health.UP, f"{reason} (back after ejection)", now)
+                self._move(Health.UP, f"{reason} (back after ejection)")
             case Health.EJECTED, False if now >= self.ejected_until:
                 self._eject(now, f"still failing after ejection: {reason}")
             case _:
@@ -126,7 +122,7 @@ class EndpointHealth:
         self.last_ejected = now
         self.ejected_until = now + backoff
         self.request_failures = 0
-        self._move(Health.EJECTED, f"{reason}; probing again in {backoff:g}s", now)
+        self._move(Health.EJECTED, f"{reason}; probing again in {backoff:g}s")
 
     def next_check(self, interval: float, now: float) -> float:
         """When the next active check or probe is due. While it has never passed (a container
