@@ -22,8 +22,6 @@ from pathlib import Path
 
 from stablenet import native
 
-GROUP = "stablenet.dataplane"  # the shared library mypyc puts every compiled module in
-
 MYPY_INI = """
 [mypy]
 python_version = 3.11
@@ -57,7 +55,7 @@ def build(force: bool) -> int:
         digest = native.source_digest(work / "stablenet")  # what is compiled, even if edited now
         (work / "mypy.ini").write_text(MYPY_INI)
         paths = [f"stablenet/{name}" for name in native.COMPILED]
-        (work / "setup.py").write_text(SETUP.format(paths=paths, group=GROUP))
+        (work / "setup.py").write_text(SETUP.format(paths=paths, group=native.GROUP))
         result = subprocess.run(
             [sys.executable, "setup.py"],
             cwd=work,

@@ -29,7 +29,8 @@ COMPILED = (
     "proxy/routes.py",
     "proxy/server.py",
 )
-LIBRARY = "stablenet.dataplane__mypyc"  # the shared library every compiled module lives in
+GROUP = "stablenet.dataplane"  # mypyc's group: every compiled module lives in its library
+LIBRARY = GROUP + "__mypyc"
 
 logger = logging.getLogger(__name__)
 _enabled: bool | None = None
@@ -55,7 +56,7 @@ def _load_library() -> bool:
     if LIBRARY in sys.modules:
         return True
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    path = BUILD / "stablenet" / ("dataplane__mypyc" + suffix)
+    path = BUILD.joinpath(*LIBRARY.split(".")).with_name(LIBRARY.rsplit(".", 1)[1] + suffix)
     try:
         loader = importlib.machinery.ExtensionFileLoader(LIBRARY, str(path))
         spec = importlib.util.spec_from_file_location(LIBRARY, path, loader=loader)

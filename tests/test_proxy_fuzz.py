@@ -142,7 +142,7 @@ async def exchange(
     up_transport = FakeTransport()
     up_transport.protocol = up
     up.connection_made(up_transport)  # type: ignore[arg-type]
-    proxy.pool_put(ENDPOINT, up)
+    proxy.pool_put(up)
     client = ClientConnection(proxy)
     transport = FakeTransport()
     transport.protocol = client

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from stablenet.model import Endpoint, State
-from stablenet.proxy.balance import sticky_token, target_of
+from stablenet.proxy.balance import target_of
 from stablenet.proxy.http1 import (
     HOP_BY_HOP,
     IDEMPOTENT,
@@ -63,7 +63,6 @@ class Exchange:
         "cookie",
         "conn_tokens",
         "upgrade",
-        "expect",
         "body_mode",
         "error",
         "head",
@@ -108,7 +107,6 @@ class Exchange:
         self.cookie: bytes | None = None
         self.conn_tokens: list[bytes] | None = None
         self.upgrade: bytes | None = None
-        self.expect = False
         self.body_mode = BODY_NONE
         self.error: tuple[int, str] | None = None
         self.head = b""
@@ -246,6 +244,14 @@ class ClientConnection:
         if tunnel is not None and tunnel.transport is not None:
             tunnel.transport.close()
 
+    def resume_if_free(self) -> None:
+        """Read from the client again once no reason to pause is left (a slow backend, a
+        body buffered with no backend yet, too many pipelined requests)."""
+        if self.transport is not None and not (
+            self.paused_for_buffer or self.paused_for_upstream or self.paused_for_queue
+        ):
+            self.transport.resume_reading()
+
     def pause_writing(self) -> None:
         self.write_paused = True
         up = self.queue[0].upstream if self.queue else self.tunnel_to
@@ -310,8 +316,6 @@ class ClientConnection:
             return
         elif lname == b"content-length":
             ex.body_mode = BODY_LENGTH if value.strip(b" \t") != b"0" else BODY_NONE
-        elif lname == b"expect":
-            ex.expect = value.lower() == b"100-continue"
         elif lname == b"cookie" and self.proxy.sticky_cookie:
             ex.cookie = value if ex.cookie is None else ex.cookie + b"; " + value
         ex.headers.append((name, value))
@@ -454,12 +458,7 @@ class ClientConnection:
             transport.write(ex.head)
         if self.paused_for_buffer:
             self.paused_for_buffer = False
-            if (
-                self.transport is not None
-                and not self.paused_for_upstream
-                and not self.paused_for_queue
-            ):
-                self.transport.resume_reading()
+            self.resume_if_free()
         if self.write_paused:
             up.set_reading(False)
 
@@ -527,12 +526,10 @@ class ClientConnection:
             return
         if self.paused_for_queue and len(self.queue) <= MAX_PIPELINED // 2:
             self.paused_for_queue = False
-            if not self.paused_for_buffer and not self.paused_for_upstream:
-                transport.resume_reading()
+            self.resume_if_free()
         if self.paused_for_upstream:
             self.paused_for_upstream = False
-            if not self.paused_for_buffer and not self.paused_for_queue:
-                transport.resume_reading()
+            self.resume_if_free()
         if self.queue:
             nxt = self.queue[0]
             if nxt.head_done:
@@ -612,15 +609,13 @@ class ClientConnection:
                 up.until_close = True
         if not ex.body_done:
             keep = False
-        if ex.sticky is not None or self.proxy.sticky_cookie:
-            ep = ex.endpoint
-            if ep is not None and self.proxy.sticky_cookie:
-                token = sticky_token(ep)
-                if token != ex.sticky:
-                    out.append(
-                        b"Set-Cookie: %b=%b; Path=/; HttpOnly\r\n"
-                        % (self.proxy.sticky_cookie.encode(), token.encode())
-                    )
+        cookie = self.proxy.sticky_cookie
+        if cookie and ex.endpoint is not None:
+            token = self.proxy.token(ex.endpoint)  # cached per endpoint, as dispatch uses it
+            if token != ex.sticky:
+                out.append(
+                    b"Set-Cookie: %b=%b; Path=/; HttpOnly\r\n" % (cookie.encode(), token.encode())
+                )
         if not keep:
             out.append(b"Connection: close\r\n")
         elif ex.version == "1.0":
@@ -673,7 +668,7 @@ class ClientConnection:
             self.proxy.report(ep, True, "ok")
         self.flush()  # before the pool: a write that pauses the backend must not follow it there
         if reusable and ep is not None:
-            self.proxy.pool_put(ep, up)
+            self.proxy.pool_put(up)
         elif up.transport is not None:
             up.transport.close()
         self.finish(ex, close=ex.out_mode == OUT_UNTIL_CLOSE)
@@ -792,10 +787,7 @@ class ClientConnection:
     def _abandon(self, ex: Exchange) -> None:
         ex.closed = True
         proxy = self.proxy
-        if ex.hold_handle is not None:
-            ex.hold_handle.cancel()
-            ex.hold_handle = None
-        if ex.held:
+        if ex.held:  # unhold cancels its timer (only a held exchange has one)
             proxy.unhold(ex)
         up = ex.upstream
         if up is not None:
@@ -955,10 +947,9 @@ class UpstreamConnection:
     def resume_writing(self) -> None:
         ex = self.exchange
         client = ex.conn if ex is not None else self.tunnel_to
-        if client is not None and client.transport is not None:
+        if client is not None:
             client.paused_for_upstream = False
-            if not client.paused_for_buffer and not client.paused_for_queue:
-                client.transport.resume_reading()
+            client.resume_if_free()
 
     # -- llhttp callbacks ---------------------------------------------------------------------
 
@@ -981,7 +972,6 @@ class UpstreamConnection:
         if status == 101 and ex.upgrade is None:
             raise _Stop("101 to a request without Upgrade")
         self.until_close = False
-        self.deadline = self.proxy.now + self.proxy.response_timeout
         ex.conn.response_head(ex, self, status, headers, reason)
 
     def on_body(self, body: bytes) -> None:

@@ -447,7 +447,7 @@ class Proxy(Server):
         current = self.registry.snapshot.endpoints.get(ep.id)
         if ex.closed or current is None or current.address != ep.address or current.draining:
             if current is not None and current.address == ep.address:
-                self.pool_put(ep, up)
+                self.pool_put(up)
             elif up.transport is not None:
                 up.transport.close()
             if not ex.closed:  # the endpoint left the registry while we connected
@@ -546,6 +546,8 @@ class Proxy(Server):
                             ex.hold_handle = None
                         ex.held = False
                         self.dispatch(ex)
+            for cid in [cid for cid in self._tokens if cid not in snap.endpoints]:
+                del self._tokens[cid]  # sticky tokens of containers gone for good
             for key in list(self.pools):
                 ep = snap.endpoints.get(key[0])
                 if ep is None or ep.address != key[1] or (ep.port or 80) != key[2]:
@@ -565,7 +567,7 @@ class Proxy(Server):
                 return up
         return None
 
-    def pool_put(self, ep: Endpoint, up: UpstreamConnection) -> None:
+    def pool_put(self, up: UpstreamConnection) -> None:
         transport = up.transport
         if transport is None:
             return
