@@ -15,29 +15,30 @@ _engine_answers() {
     timeout 10 docker version --format '{{.Server.Version}}' >/dev/null 2>&1
 }
 
+# With no DOCKER_HOST, use the system's engine at /var/run/docker.sock if it answers.
+_use_system_engine() {
+    if [ -z "${DOCKER_HOST:-}" ] && [ -S /var/run/docker.sock ] \
+        && DOCKER_HOST=unix:///var/run/docker.sock _engine_answers; then
+        export DOCKER_HOST=unix:///var/run/docker.sock
+        echo "engine: using $DOCKER_HOST$1" >&2
+        return 0
+    fi
+    return 1
+}
+
 engine_up() {
     if command -v docker >/dev/null 2>&1; then
         if [ -n "${DOCKER_HOST:-}" ] && _engine_answers; then
             echo "engine: using DOCKER_HOST=$DOCKER_HOST" >&2
             return 0
         fi
-        if [ -z "${DOCKER_HOST:-}" ] && [ -S /var/run/docker.sock ] \
-            && DOCKER_HOST=unix:///var/run/docker.sock _engine_answers; then
-            export DOCKER_HOST=unix:///var/run/docker.sock
-            echo "engine: using $DOCKER_HOST" >&2
-            return 0
-        fi
+        _use_system_engine "" && return 0
     fi
     if ! command -v dockerd >/dev/null 2>&1; then
         echo "engine: installing docker.io" >&2
         _apt_install docker.io || return 1
         # Where the package's own service started an engine, use that one.
-        if [ -z "${DOCKER_HOST:-}" ] && [ -S /var/run/docker.sock ] \
-            && DOCKER_HOST=unix:///var/run/docker.sock _engine_answers; then
-            export DOCKER_HOST=unix:///var/run/docker.sock
-            echo "engine: using $DOCKER_HOST (started by the docker.io package)" >&2
-            return 0
-        fi
+        _use_system_engine " (started by the docker.io package)" && return 0
     fi
     local dir="$STABLENET_ENGINE_DIR"
     mkdir -p "$dir/data" "$dir/exec"

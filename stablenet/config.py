@@ -250,8 +250,6 @@ SECTIONS: dict[str, type[Any]] = {
 
 
 def _show(value: Any) -> str:
-    if isinstance(value, str):
-        return repr(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     return repr(value)

@@ -21,16 +21,14 @@ from stablenet.events import EventLog
 from stablenet.health.checker import HealthChecker
 from stablenet.metrics import Collector, exposition
 from stablenet.proxy import Proxy
-from stablenet.proxy.server import no_stable
+from stablenet.proxy.server import DRAIN_GRACE, no_stable
 from stablenet.registry import Registry
 
 logger = logging.getLogger(__name__)
 
-SHUTDOWN_GRACE = 10.0  # seconds for listeners to drain before the rest is cancelled
-
 
 class Daemon:
-    """Everything one `stablenet run` owns. ``started`` is set once every listener is up."""
+    """Everything one `stablenet run` owns."""
 
     def __init__(self, config: Config, registry: Registry | None = None) -> None:
         self.config = config
@@ -70,7 +68,6 @@ class Daemon:
             events=self.events,
             metrics=lambda: exposition(self.collector),
         )
-        self.started = asyncio.Event()
         self.stopping = asyncio.Event()
 
     def listeners(self) -> list[contextlib.AbstractAsyncContextManager[Any]]:
@@ -101,7 +98,6 @@ class Daemon:
                 running = [
                     tasks.create_task(loop(), name=name) for name, loop in self.loops().items()
                 ]
-                self.started.set()
                 await self.stopping.wait()
                 logger.info("stopping: closing listeners")
                 await listeners.aclose()
@@ -123,7 +119,7 @@ def install_signal_handlers(daemon: Daemon, main: asyncio.Task[Any]) -> None:
             return
         logger.info("received %s", signal.Signals(signum).name)
         daemon.stopping.set()
-        loop.call_later(SHUTDOWN_GRACE * 2, main.cancel)
+        loop.call_later(DRAIN_GRACE * 2, main.cancel)  # twice the proxy's drain: stuck
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)

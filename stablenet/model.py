@@ -70,36 +70,30 @@ class Endpoint:
 
     @property
     def state(self) -> State:
-        if self.draining:
-            return State.DRAINING
-        if self.docker_health == "unhealthy":
-            return State.UNHEALTHY
-        if self.verdict is not None and not self.verdict.passing:
-            return State.UNHEALTHY
-        if self.docker_health == "starting":
-            return State.STARTING
-        if self.check is not None and self.verdict is None:
-            return State.STARTING
-        return State.READY
+        return self._status()[0]
 
     @property
     def reason(self) -> str:
         """Why the endpoint is in its state, in a few words."""
+        return self._status()[1]
+
+    def _status(self) -> tuple[State, str]:
+        """The state, from draining, Docker's health and the check's verdict, with why."""
         if self.draining:
-            return "container is stopping"
+            return State.DRAINING, "container is stopping"
         if self.docker_health == "unhealthy":
-            return "Docker HEALTHCHECK says unhealthy"
+            return State.UNHEALTHY, "Docker HEALTHCHECK says unhealthy"
         if self.verdict is not None and not self.verdict.passing:
-            return self.verdict.reason
+            return State.UNHEALTHY, self.verdict.reason
         if self.docker_health == "starting":
-            return "Docker HEALTHCHECK is starting"
+            return State.STARTING, "Docker HEALTHCHECK is starting"
         if self.check is not None and self.verdict is None:
-            return "waiting for the first health check"
+            return State.STARTING, "waiting for the first health check"
         if self.verdict is not None:
-            return self.verdict.reason
+            return State.READY, self.verdict.reason
         if self.docker_health == "healthy":
-            return "Docker HEALTHCHECK says healthy"
-        return "running"
+            return State.READY, "Docker HEALTHCHECK says healthy"
+        return State.READY, "running"
 
 
 @dataclass(frozen=True, slots=True)

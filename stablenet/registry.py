@@ -30,8 +30,6 @@ from stablenet.model import (
 
 logger = logging.getLogger(__name__)
 
-_EMPTY: Mapping[str, Endpoint] = MappingProxyType({})
-
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
@@ -86,7 +84,7 @@ class Registry:
     def __init__(self) -> None:
         # Readers take it as it is (a plain attribute: the proxy reads it on every request);
         # only ``apply`` replaces it.
-        self.snapshot = Snapshot.build(0, _EMPTY, False, {})
+        self.snapshot = Snapshot.build(0, {}, False, {})
         self._changed = asyncio.Event()
 
     def apply(self, changes: Iterable[Change]) -> Snapshot:
