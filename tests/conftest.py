@@ -15,7 +15,7 @@ from stablenet.config import DockerConfig, HealthConfig
 from stablenet.docker.source import DockerSource
 from stablenet.docker.translate import Settings
 from stablenet.registry import Registry
-from tests.helpers import Containers, ensure_image
+from tests.helpers import Containers, ensure_image, until
 
 
 @pytest.fixture(scope="session")
@@ -51,8 +51,7 @@ async def start_source(
 ) -> tuple[DockerSource, asyncio.Task[None]]:
     source = DockerSource(registry, settings, resync_interval=resync_interval, **kwargs)  # type: ignore[arg-type]
     task = asyncio.get_running_loop().create_task(source.run(), name="test-docker-source")
-    async with asyncio.timeout(30):
-        await registry.until(lambda snap: snap.synced)
+    await until(registry, lambda snap: snap.synced, 30)
     return source, task
 
 

@@ -26,6 +26,7 @@ import docker.errors
 import requests
 
 from stablenet.docker.source import DockerLost, default_client
+from stablenet.registry import Registry, Snapshot
 
 T = TypeVar("T")
 BUSYBOX = Path("/bin/busybox")
@@ -151,6 +152,14 @@ class Containers:
 async def off_loop(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run a blocking docker call in a thread so the loop (and the source under test) runs on."""
     return await asyncio.to_thread(functools.partial(fn, *args, **kwargs))
+
+
+async def until(
+    registry: Registry, predicate: Callable[[Snapshot], bool], within: float
+) -> Snapshot:
+    """The first snapshot for which ``predicate`` holds; the test fails after ``within`` s."""
+    async with asyncio.timeout(within):
+        return await registry.until(predicate)
 
 
 def ip_of(container: Any, network: str = "bridge") -> str:

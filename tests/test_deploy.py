@@ -8,7 +8,6 @@ the label is taken to be the real one and used as it is."""
 
 from __future__ import annotations
 
-import asyncio
 import configparser
 import contextlib
 import fcntl
@@ -33,7 +32,7 @@ import pytest
 import yaml
 
 from stablenet.registry import Registry
-from tests.helpers import Containers, free_port, ip_of, off_loop
+from tests.helpers import Containers, free_port, ip_of, off_loop, until
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "config" / "compose.example.yaml"
@@ -98,8 +97,7 @@ async def test_compose_example_labels_form_one_service(
     web = [await off_loop(compose_container, "web", n) for n in range(1, replicas + 1)]
     ids = {str(c.id) for c in web}
 
-    async with asyncio.timeout(30):
-        snap = await registry.until(lambda s: ids <= s.endpoints.keys())
+    snap = await until(registry, lambda s: ids <= s.endpoints.keys(), 30)
     # Only this test's containers: the engine may hold other "web" replicas meanwhile.
     ours = [e for e in snap.services["web"] if e.name.startswith(containers.prefix + "-")]
     assert {e.id for e in ours} == ids

@@ -18,7 +18,7 @@ from stablenet.docker.translate import Settings
 from stablenet.model import State
 from stablenet.registry import Registry, Snapshot
 from tests.conftest import start_source
-from tests.helpers import Containers, ensure_image, ip_of, off_loop, private_engine
+from tests.helpers import Containers, ensure_image, ip_of, off_loop, private_engine, until
 
 WAIT = 30  # generous bound for the engine; speed is measured in benchmarks/
 
@@ -35,8 +35,7 @@ async def test_labelled_container_appears_with_ip_and_port(
         containers.run, "web", labels={"stablenet.service": "web-a", "stablenet.port": "8080"}
     )
     name = containers.name("web")
-    async with asyncio.timeout(WAIT):
-        snap = await registry.until(lambda s: name in s.by_name)
+    snap = await until(registry, lambda s: name in s.by_name, WAIT)
     ep = snap.by_name[name]
     assert ep.service == "web-a"
     assert ep.address == ip_of(box)
@@ -56,8 +55,7 @@ async def test_restart_with_ip_change_holds_only_new_ip(
     )
     name = containers.name("a")
     old_ip = ip_of(first, net.name)
-    async with asyncio.timeout(WAIT):
-        await registry.until(lambda s: name in s.by_name)
+    await until(registry, lambda s: name in s.by_name, WAIT)
 
     seen: list[tuple[State | None, str | None]] = []
 
@@ -72,8 +70,7 @@ async def test_restart_with_ip_change_holds_only_new_ip(
     watcher = asyncio.get_running_loop().create_task(record())
     await off_loop(first.stop, timeout=2)
     # docker stop returns after `die`: the old address must already be gone, without a resync.
-    async with asyncio.timeout(WAIT):
-        await registry.until(lambda s: name not in s.by_name)
+    await until(registry, lambda s: name not in s.by_name, WAIT)
     # Another container takes the freed address while the first is down.
     thief = await off_loop(
         containers.run, "thief", labels={"stablenet.service": "other"}, network=net.name
@@ -107,17 +104,14 @@ async def test_draining_during_slow_stop(registry: Registry, containers: Contain
         command=["sh", "-c", "trap '' TERM; while true; do sleep 1; done"],
     )
     name = containers.name("slow")
-    async with asyncio.timeout(WAIT):
-        await registry.until(lambda s: by_name(s, name) is State.READY)
+    await until(registry, lambda s: by_name(s, name) is State.READY, WAIT)
     stopping = asyncio.get_running_loop().run_in_executor(None, lambda: box.stop(timeout=3))
-    async with asyncio.timeout(WAIT):
-        snap = await registry.until(lambda s: by_name(s, name) is not State.READY)
+    snap = await until(registry, lambda s: by_name(s, name) is not State.READY, WAIT)
     assert by_name(snap, name) is State.DRAINING
     assert not stopping.done()  # drained while the container still runs
     assert snap.ready.get(snap.by_name[name].service, ()) == ()
     await stopping
-    async with asyncio.timeout(WAIT):
-        await registry.until(lambda s: name not in s.by_name)
+    await until(registry, lambda s: name not in s.by_name, WAIT)
 
 
 async def test_an_images_own_stop_signal_drains(registry: Registry, containers: Containers) -> None:
@@ -130,15 +124,12 @@ async def test_an_images_own_stop_signal_drains(registry: Registry, containers: 
         stop_signal="SIGWINCH",
     )
     name = containers.name("winch")
-    async with asyncio.timeout(WAIT):
-        await registry.until(lambda s: by_name(s, name) is State.READY)
+    await until(registry, lambda s: by_name(s, name) is State.READY, WAIT)
     stopping = asyncio.get_running_loop().run_in_executor(None, lambda: box.stop(timeout=5))
-    async with asyncio.timeout(WAIT):
-        snap = await registry.until(lambda s: by_name(s, name) is not State.READY)
+    snap = await until(registry, lambda s: by_name(s, name) is not State.READY, WAIT)
     assert by_name(snap, name) is State.DRAINING
     await stopping
-    async with asyncio.timeout(WAIT):
-        await registry.until(lambda s: name not in s.by_name)
+    await until(registry, lambda s: name not in s.by_name, WAIT)
 
 
 async def test_compose_replicas_form_one_service(
@@ -148,8 +139,7 @@ async def test_compose_replicas_form_one_service(
     await off_loop(containers.run, "api-1", labels=labels)
     await off_loop(containers.run, "api-2", labels=labels)
     names = {containers.name("api-1"), containers.name("api-2")}
-    async with asyncio.timeout(WAIT):
-        snap = await registry.until(lambda s: names <= set(s.by_name))
+    snap = await until(registry, lambda s: names <= set(s.by_name), WAIT)
     assert {ep.name for ep in snap.services["api"]} == names
     assert all(ep.port == 80 or ep.port is None for ep in snap.services["api"])
 
@@ -173,8 +163,7 @@ async def test_two_networks_choice_is_deterministic_and_label_wins(
         )
         await off_loop(net_a.connect, box)
         name = containers.name(f"multi{run}")
-        async with asyncio.timeout(WAIT):
-            snap = await registry.until(functools.partial(on_two_networks, name))
+        snap = await until(registry, functools.partial(on_two_networks, name), WAIT)
         ep = snap.by_name[name]
         chosen.append(ep.network)
         assert ep.address == ip_of(box, ep.network)
@@ -223,8 +212,7 @@ async def test_opt_out_and_exposed_by_default(containers: Containers) -> None:
         await off_loop(containers.run, "in", labels={"stablenet.enable": "true"})
         await off_loop(containers.run, "out", labels={"stablenet.enable": "false"})
         wanted = containers.name("in")
-        async with asyncio.timeout(WAIT):
-            snap = await reg.until(lambda s: wanted in s.by_name)
+        snap = await until(reg, lambda s: wanted in s.by_name, WAIT)
         assert containers.name("plain") not in snap.by_name
         assert containers.name("out") not in snap.by_name
     finally:
@@ -254,15 +242,13 @@ async def test_engine_outage_keeps_last_state_then_resyncs_exactly(tmp_path: Pat
             }
             before = reg.snapshot.endpoints
             await off_loop(engine.stop)
-            async with asyncio.timeout(WAIT):
-                snap = await reg.until(lambda s: not s.synced)
+            snap = await until(reg, lambda s: not s.synced, WAIT)
             # Last known state is kept while the engine is gone (live-restore: they still run).
             assert dict(snap.endpoints) == dict(before)
             # The victim dies while nobody is watching.
             os.kill(victim_pid, signal.SIGKILL)
             await off_loop(engine.start)
-            async with asyncio.timeout(WAIT):
-                snap = await reg.until(lambda s: s.synced)
+            snap = await until(reg, lambda s: s.synced, WAIT)
             running = {c.id for c in await off_loop(client.containers.list)}
             assert set(snap.endpoints) == running
             assert survivor.id in snap.endpoints

@@ -13,7 +13,7 @@ from stablenet.health.checker import HealthChecker
 from stablenet.health.probe import _judge, probe
 from stablenet.model import HealthSpec, State
 from stablenet.registry import Registry, Snapshot
-from tests.helpers import Containers, off_loop
+from tests.helpers import Containers, off_loop, until
 
 WAIT = 30
 FAST = {
@@ -55,22 +55,19 @@ async def test_http_check_fall_and_rise_follow_healthz_file(
 ) -> None:
     box = await off_loop(containers.run, "hc", labels={**FAST, "stablenet.service": "hc"})
     name = containers.name("hc")
-    async with asyncio.timeout(WAIT):
-        snap = await registry.until(lambda s: state(s, name) is State.READY)
+    snap = await until(registry, lambda s: state(s, name) is State.READY, WAIT)
     assert snap.by_name[name].reason == "HTTP 200"
     assert [e.name for e in snap.ready["hc"]] == [name]
 
     await off_loop(box.exec_run, ["rm", "/www/healthz"])
-    async with asyncio.timeout(WAIT):
-        snap = await registry.until(lambda s: state(s, name) is State.UNHEALTHY)
+    snap = await until(registry, lambda s: state(s, name) is State.UNHEALTHY, WAIT)
     assert snap.by_name[name].reason == "HTTP 404 (expected 200-399)"
     assert snap.ready["hc"] == ()
     status = checker.status(box.id)
     assert status is not None and status.failures >= 2
 
     await off_loop(box.exec_run, ["sh", "-c", "echo ok > /www/healthz"])
-    async with asyncio.timeout(WAIT):
-        snap = await registry.until(lambda s: state(s, name) is State.READY)
+    snap = await until(registry, lambda s: state(s, name) is State.READY, WAIT)
     status = checker.status(box.id)
     assert status is not None and status.passes >= 2
 
@@ -87,8 +84,7 @@ async def test_new_endpoint_is_not_routed_before_first_pass(
         labels=FAST,
         command=["sh", "-c", "sleep 1; exec httpd -f -p 80 -h /www"],
     )
-    async with asyncio.timeout(WAIT):
-        await registry.until(lambda s: state(s, name) is State.READY)
+    await until(registry, lambda s: state(s, name) is State.READY, WAIT)
     watcher.cancel()
     assert seen[0] is State.STARTING  # it was registered before it was routed
     assert State.UNHEALTHY not in seen
@@ -113,8 +109,7 @@ async def test_docker_healthcheck_goes_through_starting(
             "retries": 3,
         },
     )
-    async with asyncio.timeout(WAIT):
-        snap = await registry.until(lambda s: state(s, name) is State.READY)
+    snap = await until(registry, lambda s: state(s, name) is State.READY, WAIT)
     watcher.cancel()
     assert seen[0] is State.STARTING
     assert snap.by_name[name].docker_health == "healthy"
@@ -129,8 +124,7 @@ async def test_passive_ejection_then_probe_brings_it_back(
         containers.run, "pass", labels={"stablenet.port": "80"}, command=["sleep", "3600"]
     )
     name = containers.name("pass")
-    async with asyncio.timeout(WAIT):
-        snap = await registry.until(lambda s: state(s, name) is State.READY)
+    snap = await until(registry, lambda s: state(s, name) is State.READY, WAIT)
     ep = snap.by_name[name]
     for _ in range(3):  # what the proxy reports after three refused connections
         checker.report(ep.id, ep.address, ok=False, reason="connection refused")
@@ -139,8 +133,7 @@ async def test_passive_ejection_then_probe_brings_it_back(
     assert snap.by_name[name].reason.startswith("ejected after 3 failed requests")
     # Probes after the ejection find nothing listening until httpd starts; then it is back.
     await off_loop(box.exec_run, ["httpd", "-p", "80", "-h", "/www"], detach=True)
-    async with asyncio.timeout(WAIT):
-        snap = await registry.until(lambda s: state(s, name) is State.READY)
+    snap = await until(registry, lambda s: state(s, name) is State.READY, WAIT)
     assert "back after ejection" in snap.by_name[name].reason
     status = checker.status(ep.id)
     assert status is not None and status.ejections >= 1
@@ -158,8 +151,7 @@ async def test_panic_mode_routes_to_all_when_none_is_ready(
     await off_loop(containers.run, "p1", labels=labels)
     await off_loop(containers.run, "p2", labels=labels)
     names = {containers.name("p1"), containers.name("p2")}
-    async with asyncio.timeout(WAIT):
-        snap = await registry.until(lambda s: all(state(s, n) is State.UNHEALTHY for n in names))
+    snap = await until(registry, lambda s: all(state(s, n) is State.UNHEALTHY for n in names), WAIT)
     assert {e.name for e in snap.ready["panicky"]} == names
 
 

@@ -18,7 +18,7 @@ import pytest
 from stablenet.config import ProxyConfig
 from stablenet.proxy import Proxy, vip
 from stablenet.registry import Registry
-from tests.helpers import Containers, free_port, off_loop
+from tests.helpers import Containers, free_port, off_loop, until
 
 pytestmark = pytest.mark.engine
 
@@ -31,8 +31,7 @@ async def proxy_on(registry: Registry, listen: str, **options: Any) -> AsyncIter
 
 
 async def ready_count(registry: Registry, service: str, count: int) -> None:
-    async with asyncio.timeout(30):
-        await registry.until(lambda snap: len(snap.ready.get(service, ())) == count)
+    await until(registry, lambda snap: len(snap.ready.get(service, ())) == count, 30)
 
 
 async def test_routes_by_host_and_balances_across_replicas(
