@@ -209,14 +209,14 @@ class ClientConnection:
         if self.closing:
             return
         if self.queue and self.queue[-1].upgrade is not None and self.queue[-1].body_done:
-            self._raw_from_client(self.queue[-1], data)
+            self._send_body(self.queue[-1], data)  # after an Upgrade request: passed on as is
             return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             rest = data[upgrade.args[0] :]
             if rest and self.queue:
-                self._raw_from_client(self.queue[-1], rest)
+                self._send_body(self.queue[-1], rest)
             return
         except httptools.HttpParserCallbackError:
             if not self.closing:
@@ -410,10 +410,6 @@ class ClientConnection:
             if self.transport is not None:
                 self.transport.pause_reading()
 
-    def _raw_from_client(self, ex: Exchange, data: bytes) -> None:
-        """Bytes after an Upgrade request, before the backend agreed: passed on as they are."""
-        self._send_body(ex, data)
-
     def _start(self, ex: Exchange) -> None:
         """The exchange at the head of the queue has a complete head: route it."""
         proxy = self.proxy
@@ -490,7 +486,7 @@ class ClientConnection:
             error_response(status, message, close=close, head_only=ex.head_request, extra=extra)
         )
         if status >= 500:
-            self.proxy.count(ex.service or None).errors += 1
+            self.proxy.count(ex.service).errors += 1
         self.finish(ex, close=close)
 
     def finish(self, ex: Exchange, close: bool = False) -> None:

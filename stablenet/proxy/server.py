@@ -55,6 +55,12 @@ def no_outcome(endpoint: Endpoint, ok: bool, reason: str) -> None:
     return None
 
 
+def pool_key(ep: Endpoint) -> tuple[str, str, int]:
+    """Which keep-alive pool serves an endpoint: its container, address and port (80 when the
+    container names none), so a moved or renumbered endpoint never gets an old connection."""
+    return (ep.id, ep.address, ep.port or 80)
+
+
 @dataclass(slots=True)
 class Counters:
     """Per-service counts since start. Mutable, owned by the proxy; read them, don't write."""
@@ -421,8 +427,8 @@ class Proxy(Server):
                 self.balancer.end(ex.endpoint)
 
     async def _connect(self, ex: Exchange, ep: Endpoint) -> None:
-        port = ep.port or 80
-        key = (ep.id, ep.address, port)
+        key = pool_key(ep)
+        port = key[2]
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, protocol = await self.loop.create_connection(
@@ -550,7 +556,7 @@ class Proxy(Server):
                 del self._tokens[cid]  # sticky tokens of containers gone for good
             for key in list(self.pools):
                 ep = snap.endpoints.get(key[0])
-                if ep is None or ep.address != key[1] or (ep.port or 80) != key[2]:
+                if ep is None or pool_key(ep) != key:
                     for up in self.pools.pop(key):
                         if up.transport is not None:
                             up.transport.close()
@@ -558,7 +564,7 @@ class Proxy(Server):
     # -- keep-alive pools ---------------------------------------------------------------------
 
     def pool_take(self, ep: Endpoint) -> UpstreamConnection | None:
-        pool = self.pools.get((ep.id, ep.address, ep.port or 80))
+        pool = self.pools.get(pool_key(ep))
         while pool:
             up = pool.pop()
             transport = up.transport

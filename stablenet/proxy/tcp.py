@@ -77,8 +77,7 @@ class TcpClient(_Pipe):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self.transport = cast(asyncio.Transport, transport)
-        self.transport.pause_reading()  # until joined to an endpoint
+        cast(asyncio.Transport, transport).pause_reading()  # until joined to an endpoint
         self.proxy.tcp_clients.add(self)
         self.proxy.count(self.service).requests += 1
         self.proxy.spawn(self._join(), name=f"tcp-join-{self.service}")
