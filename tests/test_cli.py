@@ -140,15 +140,23 @@ class RunningDaemon:
 
 
 async def wait_for_line(proc: asyncio.subprocess.Process, needle: str, log: list[str]) -> None:
+    await wait_for_lines(proc, [needle], log)
+
+
+async def wait_for_lines(
+    proc: asyncio.subprocess.Process, needles: list[str], log: list[str]
+) -> None:
+    """Read the daemon's log until each needle has appeared, in whatever order (lines read
+    while waiting are consumed, so waiting for them one by one would miss an early one)."""
     assert proc.stderr is not None
+    missing = set(needles)
     async with asyncio.timeout(30):
-        while True:
+        while missing:
             line = (await proc.stderr.readline()).decode()
             if not line:
                 raise AssertionError("daemon exited early:\n" + "".join(log))
             log.append(line)
-            if needle in line:
-                return
+            missing = {needle for needle in missing if needle not in line}
 
 
 async def start_daemon(

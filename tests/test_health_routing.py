@@ -9,7 +9,13 @@ import dns.asyncquery
 import dns.message
 
 from tests.helpers import Containers, ip_of, off_loop
-from tests.test_cli import RunningDaemon, start_daemon, stop_daemon, wait_for_line
+from tests.test_cli import (
+    RunningDaemon,
+    start_daemon,
+    stop_daemon,
+    wait_for_line,
+    wait_for_lines,
+)
 
 HOST = "routed.stablenet.internal"
 CHECKED = {
@@ -53,10 +59,11 @@ async def test_dns_and_proxy_follow_active_and_passive_health(containers: Contai
     try:
         good = await off_loop(containers.run, "good", labels=CHECKED)
         sick = await off_loop(containers.run, "sick", labels=CHECKED)
-        for name in ("good", "sick"):
-            await wait_for_line(
-                daemon.proc, f"{containers.name(name)}: starting -> ready", daemon.log
-            )
+        await wait_for_lines(
+            daemon.proc,
+            [f"{containers.name(name)}: starting -> ready" for name in ("good", "sick")],
+            daemon.log,
+        )
         assert await resolve(dns_port) == {ip_of(good), ip_of(sick)}
         async with aiohttp.ClientSession() as http:
             assert await served_by(http, proxy_port, 20) == {good.id[:12], sick.id[:12]}
