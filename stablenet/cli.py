@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "version":
-            importlib.import_module("stablenet.proxy.http")  # to say which build of it loads
+            importlib.import_module("stablenet.proxy.client")  # to say which build of it loads
             print(f"stablenet {__version__}")
             print(f"request path: {native.describe()}")
             return 0

@@ -22,6 +22,8 @@ from stablenet.units import (
 )
 
 ENV_PREFIX = "STABLENET_"
+# Environment variables of ours that are not config keys: the config file, the uncompiled switch.
+NOT_SETTINGS = frozenset({"STABLENET_CONFIG", "STABLENET_PURE"})
 DEFAULT_PATHS = (Path("config/stablenet.toml"), Path("/etc/stablenet/stablenet.toml"))
 
 
@@ -195,6 +197,10 @@ class ProxyConfig:
     access_log: bool = _opt(False, _bool)
     sticky_cookie: str = _opt("", _cookie_name)
     listeners: tuple[str, ...] = _opt((), _list_of(_proxy_listener))
+    retries: int = _opt(2, _int_at_least(0))
+    retry_budget: int = _opt(20, _int_at_least(0))
+    send_timeout: float = _opt(30.0, _positive_duration)
+    reuse_idle_non_idempotent: float = _opt(1.0, parse_duration)
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,7 +316,7 @@ def parse(text: str, env: Mapping[str, str] | None = None, source: str = "<confi
         if not isinstance(body, dict):
             raise ConfigError(f"{name}: expected a [{name}] table, got {_show(body)}")
     for var in env:
-        if var.startswith(ENV_PREFIX) and var != "STABLENET_CONFIG":
+        if var.startswith(ENV_PREFIX) and var not in NOT_SETTINGS:
             section, _, key = var[len(ENV_PREFIX) :].lower().partition("_")
             if section not in SECTIONS or key not in {
                 f.name for f in dataclasses.fields(SECTIONS[section])

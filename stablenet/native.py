@@ -24,10 +24,13 @@ COMPILED = (
     "histogram.py",
     "lifecycle.py",
     "proxy/balance.py",
-    "proxy/http.py",
+    "proxy/client.py",
+    "proxy/exchange.py",
     "proxy/http1.py",
+    "proxy/retry.py",
     "proxy/routes.py",
     "proxy/server.py",
+    "proxy/upstream.py",
 )
 GROUP = "stablenet.dataplane"  # mypyc's group: every compiled module lives in its library
 LIBRARY = GROUP + "__mypyc"
@@ -95,7 +98,7 @@ def extend(package: str, path: list[str]) -> list[str]:
 
 def describe() -> str:
     """What runs the request path, judged by where its main module was loaded from."""
-    module = sys.modules.get("stablenet.proxy.http")
+    module = sys.modules.get("stablenet.proxy.client")
     if module is not None and not str(getattr(module, "__file__", "")).endswith(".py"):
         return "compiled (mypyc)"
     return "pure Python"

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from stablenet.config import ProxyConfig
 from stablenet.model import Endpoint, Upsert
 from stablenet.proxy import Proxy
-from stablenet.proxy.http import ClientConnection, UpstreamConnection
+from stablenet.proxy.client import ClientConnection
+from stablenet.proxy.upstream import UpstreamConnection
 from stablenet.registry import Registry
 
 HOST = b"web.stablenet.internal"

@@ -64,3 +64,57 @@ def printable(raw: bytes, limit: int = 200) -> str:
     """Peer-supplied bytes made safe for a response body or a log line."""
     text = raw[:limit].decode("latin-1")
     return "".join(ch if " " <= ch <= "~" else "?" for ch in text)
+
+
+def split_absolute(url: bytes) -> tuple[bytes, bytes] | None:
+    """An absolute-form request target (``http://host:port/path?q``) as (authority, origin-form
+    target); None for any other form. RFC 9112 3.2.2: a proxy routes such a request by the
+    URI's authority and ignores the Host field."""
+    lower = url[:8].lower()
+    if lower.startswith(b"http://"):
+        rest = url[7:]
+    elif lower.startswith(b"https://"):
+        rest = url[8:]
+    else:
+        return None
+    end = len(rest)
+    for stop in (b"/", b"?", b"#"):
+        at = rest.find(stop)
+        if at != -1 and at < end:
+            end = at
+    authority, target = rest[:end], rest[end:]
+    if target.startswith(b"?"):
+        target = b"/" + target
+    return authority, target or b"/"
+
+
+def build_request_head(
+    method: str,
+    url: bytes,
+    headers: list[tuple[bytes, bytes]],
+    conn_tokens: list[bytes] | None,
+    chunked: bool,
+    upgrade: bytes | None,
+    xff: bytes,
+    host: bytes,
+) -> bytes:
+    """The request head sent to a backend: HTTP/1.1, the client's end-to-end fields minus those
+    its Connection field names, our own framing and X-Forwarded-* fields."""
+    if conn_tokens:
+        drop = set(conn_tokens) - {b"host", b"content-length"}
+        headers = [(n, v) for n, v in headers if n.lower() not in drop]
+    parts = [method.encode(), b" ", url, b" HTTP/1.1\r\n"]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    if chunked:
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    if upgrade is not None:
+        parts += (b"Upgrade: ", upgrade, b"\r\nConnection: upgrade\r\n")
+    parts += (
+        b"X-Forwarded-For: ",
+        xff,
+        b"\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: ",
+        host,
+        b"\r\n\r\n",
+    )
+    return b"".join(parts)

@@ -19,9 +19,13 @@ from stablenet.lifecycle import Server
 from stablenet.model import Endpoint
 from stablenet.proxy import vip
 from stablenet.proxy.balance import Balancer, retry_backoff, sticky_token, target_of
-from stablenet.proxy.http import ClientConnection, Exchange, UpstreamConnection
+from stablenet.proxy.client import ClientConnection
+from stablenet.proxy.exchange import Exchange, Phase
+from stablenet.proxy.http1 import IDEMPOTENT
+from stablenet.proxy.retry import RetryBudget, reuse_ok
 from stablenet.proxy.routes import REMEMBER, Routes, build_routes, normalize_host
 from stablenet.proxy.tcp import TcpClient
+from stablenet.proxy.upstream import UpstreamConnection
 from stablenet.registry import Registry, Snapshot
 from stablenet.units import parse_hostport
 
@@ -69,7 +73,8 @@ class Counters:
     retries: int = 0
     holds: int = 0
     errors: int = 0  # 5xx answered by the proxy itself, or responses cut short
-    bad_requests: int = 0  # 400/408/431 sent to clients
+    bad_requests: int = 0  # 400/405/408/431/501/505 sent to clients
+    slow_clients: int = 0  # clients closed for not reading the response (send_timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +118,11 @@ class Proxy(Server):
         self.connect_timeout = config.connect_timeout
         self.response_timeout = config.response_timeout
         self.hold_timeout = config.hold_timeout
+        self.send_timeout = config.send_timeout
+        self.retries = config.retries
+        self.reuse_idle = config.reuse_idle_non_idempotent
+        self.internal_errors = 0  # exceptions in our own code while serving a connection
+        self.budgets: dict[str, RetryBudget] = {}
         self.max_header_size = config.max_header_size
         self.keepalive = config.upstream_keepalive
         self.sticky_cookie = config.sticky_cookie
@@ -357,6 +367,12 @@ class Proxy(Server):
             counters = self.counters[key] = Counters()
         return counters
 
+    def budget(self, service: str) -> RetryBudget:
+        budget = self.budgets.get(service)
+        if budget is None:
+            budget = self.budgets[service] = RetryBudget(self.config.retry_budget)
+        return budget
+
     def token(self, ep: Endpoint) -> str:
         token = self._tokens.get(ep.id)
         if token is None:
@@ -387,20 +403,21 @@ class Proxy(Server):
         ex.hold_started = 0.0
 
     def dispatch(self, ex: Exchange) -> None:
-        """Send the exchange to a ready endpoint it has not failed on, or hold it."""
-        if ex.closed:
+        """Send a routed exchange to a ready endpoint it may still try, or hold it."""
+        if ex.phase is not Phase.ROUTING:
             return
         ready = self.registry.snapshot.ready.get(ex.service, ())
+        tried = ex.sent_to | ex.refused if ex.sent_to or ex.refused else ex.sent_to
         ep: Endpoint | None = None
         if ex.sticky is not None:
             for cand in ready:
-                if self.token(cand) == ex.sticky and target_of(cand) not in ex.tried:
+                if self.token(cand) == ex.sticky and target_of(cand) not in tried:
                     ep = cand
                     break
         if ep is None:
-            ep = self.balancer.pick(ex.service, ready, ex.tried)
+            ep = self.balancer.pick(ex.service, ready, tried)
         if ep is None:
-            if ready and ex.tried:
+            if ready and ex.refused:
                 self._retry_later(ex)
             else:
                 self.hold(ex)
@@ -411,12 +428,12 @@ class Proxy(Server):
         self.balancer.begin(ep)
         ex.counted = True
         if not ex.fresh_only:
-            up = self.pool_take(ep)
+            up = self.pool_take(ep, ex.method in IDEMPOTENT)
             if up is not None:
                 ex.conn.attach(ex, up, reused=True)
                 return
         ex.fresh_only = False
-        ex.connecting = True
+        ex.move(Phase.CONNECTING)
         self.spawn(self._connect(ex, ep))
 
     def release(self, ex: Exchange) -> None:
@@ -437,27 +454,28 @@ class Proxy(Server):
             up = cast(UpstreamConnection, protocol)
         except (OSError, TimeoutError) as exc:
             self.now = self.loop.time()
-            ex.connecting = False
             self.release(ex)
             why = "connect timeout" if isinstance(exc, TimeoutError) else f"connect: {exc}"
-            self.report(ep, False, why)
-            if ex.closed:
-                return
+            self.report(ep, False, why)  # the endpoint's own failure: always counts
+            if ex.phase is not Phase.CONNECTING:
+                return  # the client went away meanwhile
             logger.debug("service %s: %s:%d %s; trying another", ex.service, ep.address, port, why)
-            ex.tried.add(target_of(ep))
+            ex.move(Phase.ROUTING)
+            ex.refused.add(target_of(ep))
             self.count(ex.service).retries += 1
             self.dispatch(ex)
             return
-        ex.connecting = False
         self.now = self.loop.time()
         current = self.registry.snapshot.endpoints.get(ep.id)
-        if ex.closed or current is None or current.address != ep.address or current.draining:
+        gone = ex.phase is not Phase.CONNECTING
+        if gone or current is None or current.address != ep.address or current.draining:
             if current is not None and current.address == ep.address:
                 self.pool_put(up)
             elif up.transport is not None:
                 up.transport.close()
-            if not ex.closed:  # the endpoint left the registry while we connected
+            if not gone:  # the endpoint left the registry while we connected
                 self.release(ex)
+                ex.move(Phase.ROUTING)
                 self.dispatch(ex)
             return
         ex.conn.attach(ex, up, reused=False)
@@ -465,51 +483,46 @@ class Proxy(Server):
     # -- holding ------------------------------------------------------------------------------
 
     def hold(self, ex: Exchange) -> None:
+        """No endpoint to try now: wait for the registry to offer one, up to the deadline."""
         now = self.loop.time()
         if now >= ex.hold_deadline or self._closing:
             self._unavailable(ex)
             return
-        if not ex.held:
-            self.count(ex.service).holds += 1
-            if not ex.hold_started:
-                ex.hold_started = now
-            logger.debug("holding a request for %s: no ready endpoint", ex.service)
-        ex.held = True
-        self.waiters.setdefault(ex.service, []).append(ex)
+        self._enter_hold(ex, now)
         ex.hold_handle = self.loop.call_at(ex.hold_deadline, self._hold_expired, ex)
 
+    def _enter_hold(self, ex: Exchange, now: float) -> None:
+        if not ex.hold_started:
+            ex.hold_started = now
+            self.count(ex.service).holds += 1
+            logger.debug("holding a request for %s: no endpoint to try", ex.service)
+        ex.move(Phase.HELD)
+        self.waiters.setdefault(ex.service, []).append(ex)
+
     def _retry_later(self, ex: Exchange) -> None:
-        """Every ready endpoint already failed this request (typically a single replica that
-        is back in the registry but not listening yet). Hold it: a new endpoint wakes it at
-        once, and the same ones are tried again after ``retry_backoff``, all within the hold
-        timeout. The registry still holds those addresses for those very
-        containers, so a retry cannot reach a container that took a freed address."""
+        """Every ready endpoint refused this request's connection (typically a single replica
+        that is back in the registry but not listening yet). Hold it: a new endpoint wakes it
+        at once, and the refusing ones are tried again after ``retry_backoff``, all within
+        the hold timeout. Endpoints the request was sent to are never tried again. The
+        registry still holds those addresses for those very containers, so a retry cannot
+        reach a container that took a freed address."""
         now = self.loop.time()
         if now >= ex.hold_deadline or self._closing:
             self._unavailable(ex)
             return
         delay, ex.retry_delay = retry_backoff(ex.retry_delay, now, ex.hold_deadline)
-        if not ex.held:
-            self.count(ex.service).holds += 1
-            if not ex.hold_started:
-                ex.hold_started = now
-        ex.held = True
-        waiting = self.waiters.setdefault(ex.service, [])
-        if ex not in waiting:
-            waiting.append(ex)
-        if ex.hold_handle is not None:
-            ex.hold_handle.cancel()
+        self._enter_hold(ex, now)
         ex.hold_handle = self.loop.call_later(delay, self._retry_now, ex)
 
     def _retry_now(self, ex: Exchange) -> None:
         self.now = self.loop.time()
         ex.hold_handle = None
         self.unhold(ex)
-        ex.tried.clear()
+        ex.refused.clear()
         self.dispatch(ex)
 
     def unhold(self, ex: Exchange) -> None:
-        ex.held = False
+        """Leave the hold (back to routing), cancelling its timer."""
         if ex.hold_handle is not None:
             ex.hold_handle.cancel()
             ex.hold_handle = None
@@ -518,6 +531,8 @@ class Proxy(Server):
             waiting.remove(ex)
             if not waiting:
                 del self.waiters[ex.service]
+        if ex.phase is Phase.HELD:
+            ex.move(Phase.ROUTING)
 
     def _hold_expired(self, ex: Exchange) -> None:
         self.now = self.loop.time()
@@ -550,8 +565,9 @@ class Proxy(Server):
                         if ex.hold_handle is not None:
                             ex.hold_handle.cancel()
                             ex.hold_handle = None
-                        ex.held = False
-                        self.dispatch(ex)
+                        if ex.phase is Phase.HELD:
+                            ex.move(Phase.ROUTING)
+                            self.dispatch(ex)
             for cid in [cid for cid in self._tokens if cid not in snap.endpoints]:
                 del self._tokens[cid]  # sticky tokens of containers gone for good
             for key in list(self.pools):
@@ -563,10 +579,15 @@ class Proxy(Server):
 
     # -- keep-alive pools ---------------------------------------------------------------------
 
-    def pool_take(self, ep: Endpoint) -> UpstreamConnection | None:
+    def pool_take(self, ep: Endpoint, idempotent: bool = True) -> UpstreamConnection | None:
+        """The most recently used idle connection to the endpoint, if it may carry the request
+        (retry.reuse_ok: a request that cannot be replayed takes only a recently used one)."""
         pool = self.pools.get(pool_key(ep))
         while pool:
-            up = pool.pop()
+            up = pool[-1]
+            if not reuse_ok(idempotent, self.now - up.idle_since, self.reuse_idle):
+                return None  # the others idled longer still
+            pool.pop()
             transport = up.transport
             if transport is not None and not transport.is_closing():
                 up.set_reading(True)  # a slow client may have paused it on its last use
@@ -584,6 +605,7 @@ class Proxy(Server):
             transport.close()
             return
         up.deadline = self.now + POOL_IDLE
+        up.idle_since = self.now
         pool.append(up)
 
     def pool_discard(self, up: UpstreamConnection) -> None:
@@ -601,7 +623,7 @@ class Proxy(Server):
 
     def expire(self, now: float) -> None:
         """Act on every deadline that passed by ``now``."""
-        for conn in [c for c in self.clients if c.deadline_kind and c.deadline <= now]:
+        for conn in [c for c in self.clients if c.due(now)]:
             conn.timed_out(now)
         for up in [u for u in self.upstreams if u.deadline and u.deadline <= now]:
             up.deadline = 0.0

@@ -1,11 +1,14 @@
-"""The HTTP data plane: asyncio Protocols that move one client connection's requests to backend
-connections and the responses back, parsed by llhttp (httptools), streamed both ways with flow
-control, never fully buffered.
+"""One client connection of the HTTP proxy: parses requests with llhttp (pipelined ones queue
+behind the active one), turns each into an Exchange, hands it to the proxy to route and dispatch,
+and writes the backend's response back, streamed both ways with flow control, never fully
+buffered. An asyncio protocol by shape (a plain class, so that it can be compiled to a native
+one).
 
-ClientConnection parses requests (pipelined ones queue behind the active one); each request is
-an Exchange; UpstreamConnection parses the backend's responses. Decisions that do not need
-sockets (where to route, which endpoint, what to retry) are asked of the Proxy runtime and the
-pure modules beside this one. Nothing here knows Docker."""
+The exchange's phase (exchange.py) says what may happen next; when an attempt fails,
+retry.decide says whether and how to try again. One error contract: what the client sent wrong
+is a 4xx/5xx answer and a closed connection; an exception in our own code is logged with its
+traceback, counted, and closes the connection (500 when the client saw nothing yet). Nothing
+here knows Docker."""
 
 from __future__ import annotations
 
@@ -18,131 +21,52 @@ import httptools
 
 from stablenet.model import Endpoint, State
 from stablenet.proxy.balance import target_of
+from stablenet.proxy.exchange import (
+    BODY_CHUNKED,
+    BODY_LENGTH,
+    BODY_NONE,
+    OUT_CHUNKED,
+    OUT_RAW,
+    OUT_UNTIL_CLOSE,
+    Exchange,
+    Phase,
+)
 from stablenet.proxy.http1 import (
     HOP_BY_HOP,
     IDEMPOTENT,
     NO_BODY_STATUS,
     SET_BY_PROXY,
+    build_request_head,
     connection_tokens,
     error_response,
     printable,
+    split_absolute,
 )
+from stablenet.proxy.retry import Attempt, Verdict, decide
 
 if TYPE_CHECKING:
     from stablenet.proxy.server import Proxy
+    from stablenet.proxy.upstream import UpstreamConnection
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("stablenet.proxy.access")
 
 PENDING_LIMIT = 256 * 1024  # request body bytes held while no backend is attached
 REPLAY_LIMIT = 64 * 1024  # request body bytes kept so the request can be retried
+EARLY_LIMIT = 64 * 1024  # client bytes after an Upgrade request held until the backend agrees
 MAX_PIPELINED = 32  # pipelined requests a client may have waiting before we stop reading
 SETTLE_EMPTY = 0.25  # seconds to let the registry catch up before forwarding an empty body
 
-# Request body framing
-BODY_NONE, BODY_LENGTH, BODY_CHUNKED = 0, 1, 2
-# Response framing towards the client
-OUT_RAW, OUT_CHUNKED, OUT_UNTIL_CLOSE = 0, 1, 2
 # Client deadline kinds
 DEADLINE_NONE, DEADLINE_HEAD, DEADLINE_IDLE = 0, 1, 2
 
 _LAST_CHUNK = b"0\r\n\r\n"
-
-
-class Exchange:
-    """One request and its response, from the first request byte to the last response byte."""
-
-    __slots__ = (
-        "conn",
-        "method",
-        "url",
-        "version",
-        "headers",
-        "host",
-        "xff",
-        "cookie",
-        "conn_tokens",
-        "upgrade",
-        "body_mode",
-        "error",
-        "head",
-        "head_done",
-        "body_done",
-        "buffered",
-        "buffered_size",
-        "replayable",
-        "service",
-        "endpoint",
-        "upstream",
-        "tried",
-        "retry_delay",
-        "pending_head",
-        "hold_started",
-        "fresh_only",
-        "race_retried",
-        "started",
-        "hold_deadline",
-        "hold_handle",
-        "held",
-        "connecting",
-        "closed",
-        "response_started",
-        "status",
-        "out_mode",
-        "head_request",
-        "keep_alive",
-        "tunnel",
-        "sticky",
-        "counted",
-    )
-
-    def __init__(self, conn: ClientConnection) -> None:
-        self.conn = conn
-        self.method = ""
-        self.url = b""
-        self.version = "1.1"
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.host: bytes | None = None
-        self.xff: bytes | None = None
-        self.cookie: bytes | None = None
-        self.conn_tokens: list[bytes] | None = None
-        self.upgrade: bytes | None = None
-        self.body_mode = BODY_NONE
-        self.error: tuple[int, str] | None = None
-        self.head = b""
-        self.head_done = False
-        self.body_done = False
-        self.buffered: list[bytes] = []
-        self.buffered_size = 0
-        self.replayable = True
-        self.service = ""
-        self.endpoint: Endpoint | None = None
-        self.upstream: UpstreamConnection | None = None
-        self.tried: set[tuple[str, str, int, float]] = set()
-        self.retry_delay = 0.0
-        self.pending_head: bytes | None = None
-        self.hold_started = 0.0
-        self.fresh_only = False
-        self.race_retried = False
-        self.started = 0.0
-        self.hold_deadline = 0.0
-        self.hold_handle: asyncio.TimerHandle | None = None
-        self.held = False
-        self.connecting = False
-        self.closed = False  # the client went away
-        self.response_started = False
-        self.status = 0
-        self.out_mode = OUT_RAW
-        self.head_request = False
-        self.keep_alive = True
-        self.tunnel = False
-        self.sticky: str | None = None
-        self.counted = False  # the balancer counts this exchange as in flight on ``endpoint``
+_DONE = Phase.DONE
+_READING = Phase.READING
 
 
 class ClientConnection:
-    """One client TCP connection (an asyncio protocol by shape: a plain class, so that it can
-    be compiled to a native one). ``service`` fixes the service for a dedicated listener;
+    """One client TCP connection. ``service`` fixes the service for a dedicated listener;
     otherwise each request is routed by its Host."""
 
     __slots__ = (
@@ -157,12 +81,16 @@ class ClientConnection:
         "raw_pending",
         "deadline",
         "deadline_kind",
+        "send_deadline",
         "paused_for_upstream",
         "paused_for_buffer",
         "paused_for_queue",
         "write_paused",
         "tunnel_to",
+        "switching",
         "closing",
+        "client_eof",
+        "starting",
         "wbuf",
     )
 
@@ -178,12 +106,16 @@ class ClientConnection:
         self.raw_pending = 0  # bytes received in a head that is not complete yet
         self.deadline = 0.0
         self.deadline_kind = DEADLINE_NONE
+        self.send_deadline = 0.0  # while the client does not read what we write
         self.paused_for_upstream = False
         self.paused_for_buffer = False
         self.paused_for_queue = False  # too many pipelined requests waiting
         self.write_paused = False
         self.tunnel_to: UpstreamConnection | None = None
+        self.switching: Exchange | None = None  # an Upgrade request awaiting the backend's answer
         self.closing = False
+        self.client_eof = False  # the client half-closed: close once the queue is answered
+        self.starting = False  # _start_ready is running (it loops; nothing recurses)
         self.wbuf: list[bytes] = []  # response bytes gathered during one backend read
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
@@ -208,19 +140,28 @@ class ClientConnection:
             return
         if self.closing:
             return
-        if self.queue and self.queue[-1].upgrade is not None and self.queue[-1].body_done:
-            self._send_body(self.queue[-1], data)  # after an Upgrade request: passed on as is
+        if self.switching is not None:
+            self._hold_early(self.switching, data)
             return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
+            # An Upgrade request is complete; what follows is for the new protocol, and only
+            # once the backend agrees (101). Until then it is held here, never sent.
+            ex = self.queue[-1] if self.queue else None
+            if ex is None or ex.upgrade is None:
+                self._reject(400, "bad request: unexpected protocol switch")
+                return
+            self.switching = ex
             rest = data[upgrade.args[0] :]
-            if rest and self.queue:
-                self._send_body(self.queue[-1], rest)
-            return
-        except httptools.HttpParserCallbackError:
-            if not self.closing:
-                self._reject(400, "bad request")
+            if rest:
+                self._hold_early(ex, rest)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _Reject):
+                self._reject(cause.status, cause.message)
+            else:
+                self.internal_error(self.queue[0] if self.queue else None, cause)
             return
         except httptools.HttpParserError as exc:
             self._reject(400, f"bad request: {printable(str(exc).encode())}")
@@ -229,9 +170,25 @@ class ClientConnection:
             self.raw_pending += len(data)
             if self.raw_pending > 4 * self.proxy.max_header_size:
                 self._reject(431, "request header fields too large")
+                return
+        if self.queue:
+            try:
+                self._start_ready()
+            except Exception as exc:  # a bug of ours: never a 400, never silent
+                self.internal_error(self.queue[0] if self.queue else None, exc)
 
     def eof_received(self) -> bool | None:
-        # A half-closed client may still read the response to what it sent.
+        tunnel = self.tunnel_to
+        if tunnel is not None:
+            if tunnel.transport is not None and tunnel.transport.can_write_eof():
+                tunnel.transport.write_eof()
+            return True
+        if self.reading is not None or not self.queue:
+            # Nothing in flight, or a request that can never be completed now: close at once.
+            self.closing = True
+            return False
+        # A half-closed client may still read the responses to what it sent.
+        self.client_eof = True
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -252,14 +209,25 @@ class ClientConnection:
         ):
             self.transport.resume_reading()
 
+    def pause_for_upstream(self, paused: bool) -> None:
+        """The backend's side is full (True) or has room again (False)."""
+        self.paused_for_upstream = paused
+        if paused:
+            if self.transport is not None:
+                self.transport.pause_reading()
+        else:
+            self.resume_if_free()
+
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.send_deadline = self.proxy.now + self.proxy.send_timeout
         up = self.queue[0].upstream if self.queue else self.tunnel_to
         if up is not None:
             up.set_reading(False)
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.send_deadline = 0.0
         up = self.queue[0].upstream if self.queue else self.tunnel_to
         if up is not None:
             up.set_reading(True)
@@ -286,16 +254,14 @@ class ClientConnection:
         ex.url = ex.url + url if ex.url else url
         self.head_size += len(url)
         if self.head_size > self.proxy.max_header_size:
-            self._reject(431, "request header fields too large")
-            raise _Stop
+            raise _Reject(431, "request header fields too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         ex = self.reading
         assert ex is not None
         self.head_size += len(name) + len(value) + 4
         if self.head_size > self.proxy.max_header_size:
-            self._reject(431, "request header fields too large")
-            raise _Stop
+            raise _Reject(431, "request header fields too large")
         lname = name.lower()
         if lname in HOP_BY_HOP:
             if lname == b"connection":
@@ -303,6 +269,7 @@ class ClientConnection:
                 ex.conn_tokens = tokens if ex.conn_tokens is None else ex.conn_tokens + tokens
             elif lname == b"transfer-encoding":
                 ex.body_mode = BODY_CHUNKED
+                ex.te_seen = value if not ex.te_seen else ex.te_seen + b"," + value
             elif lname == b"upgrade":
                 ex.upgrade = value
             return
@@ -315,7 +282,9 @@ class ClientConnection:
                 ex.xff = value if ex.xff is None else ex.xff + b", " + value
             return
         elif lname == b"content-length":
-            ex.body_mode = BODY_LENGTH if value.strip(b" \t") != b"0" else BODY_NONE
+            ex.cl_seen = True
+            if ex.body_mode != BODY_CHUNKED:
+                ex.body_mode = BODY_LENGTH if value.strip(b" \t") != b"0" else BODY_NONE
         elif lname == b"cookie" and self.proxy.sticky_cookie:
             ex.cookie = value if ex.cookie is None else ex.cookie + b"; " + value
         ex.headers.append((name, value))
@@ -333,6 +302,7 @@ class ClientConnection:
             ex.version = parser.get_http_version()  # formats a string: not on the hot path
         ex.head_request = ex.method == "HEAD"
         self.raw_pending = 0
+        self._check_head(ex)
         if ex.upgrade is not None and not parser.should_upgrade():
             ex.upgrade = None
         if ex.upgrade is not None:
@@ -342,13 +312,46 @@ class ClientConnection:
             if ex.version != "1.0":
                 ex.error = ex.error or (400, "missing Host header")
             ex.host = b""
-        ex.head = self._build_head(ex)
+        if ex.error is not None:
+            raise _Reject(*ex.error)  # before llhttp goes on: the head never leaves
+        ex.head = build_request_head(
+            ex.method,
+            ex.url,
+            ex.headers,
+            ex.conn_tokens,
+            ex.body_mode == BODY_CHUNKED,
+            ex.upgrade,
+            self.peer if ex.xff is None else ex.xff + b", " + self.peer,
+            ex.host,
+        )
         ex.head_done = True
         if ex.body_mode == BODY_NONE and ex.upgrade is None:
             ex.body_done = True  # llhttp completes the message right after this callback
-        if ex is self.queue[0]:
-            self.deadline_kind = DEADLINE_NONE
-            self._start(ex)
+
+    def _check_head(self, ex: Exchange) -> None:
+        """Framing a strict proxy refuses (as nginx does), and the absolute form."""
+        if ex.version != "1.1" and ex.version != "1.0":
+            raise _Reject(505, f"HTTP version {ex.version} not supported")
+        if ex.method == "CONNECT":
+            raise _Reject(405, "CONNECT is not supported: this is a reverse proxy")
+        if ex.te_seen:
+            if ex.version == "1.0":
+                raise _Reject(400, "Transfer-Encoding in an HTTP/1.0 request")
+            if ex.te_seen.strip(b" \t").lower() != b"chunked":
+                raise _Reject(501, "only the chunked transfer coding is supported")
+            if ex.cl_seen:
+                raise _Reject(400, "both Content-Length and Transfer-Encoding")
+        if ex.url[:1] != b"/" and ex.url != b"*":
+            absolute = split_absolute(ex.url)
+            if absolute is None or not absolute[0] or b"@" in absolute[0]:
+                raise _Reject(400, "request target not understood")
+            authority, ex.url = absolute
+            # RFC 9112 3.2.2: the URI's authority replaces Host; the backend gets origin-form.
+            ex.headers = [(n, v) for n, v in ex.headers if n.lower() != b"host"]
+            ex.headers.append((b"Host", authority))
+            ex.host = authority
+            if ex.error is not None and ex.error[1] == "more than one Host header":
+                ex.error = None
 
     def on_body(self, body: bytes) -> None:
         ex = self.reading
@@ -367,27 +370,13 @@ class ClientConnection:
 
     # -- request side -------------------------------------------------------------------------
 
-    def _build_head(self, ex: Exchange) -> bytes:
-        headers = ex.headers
-        if ex.conn_tokens:
-            drop = set(ex.conn_tokens) - {b"host", b"content-length"}
-            headers = [(n, v) for n, v in headers if n.lower() not in drop]
-        xff = self.peer if ex.xff is None else ex.xff + b", " + self.peer
-        parts = [ex.method.encode(), b" ", ex.url, b" HTTP/1.1\r\n"]
-        for name, value in headers:
-            parts += (name, b": ", value, b"\r\n")
-        if ex.body_mode == BODY_CHUNKED:
-            parts.append(b"Transfer-Encoding: chunked\r\n")
-        if ex.upgrade is not None:
-            parts += (b"Upgrade: ", ex.upgrade, b"\r\nConnection: upgrade\r\n")
-        parts += (
-            b"X-Forwarded-For: ",
-            xff,
-            b"\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: ",
-            ex.host or b"",
-            b"\r\n\r\n",
-        )
-        return b"".join(parts)
+    def _hold_early(self, ex: Exchange, data: bytes) -> None:
+        """Client bytes after an Upgrade request: kept (bounded) until the backend answers."""
+        ex.early.append(data)
+        ex.early_size += len(data)
+        if ex.early_size > EARLY_LIMIT and self.transport is not None:
+            self.paused_for_buffer = True
+            self.transport.pause_reading()
 
     def _send_body(self, ex: Exchange, data: bytes) -> None:
         up = ex.upstream
@@ -410,13 +399,28 @@ class ClientConnection:
             if self.transport is not None:
                 self.transport.pause_reading()
 
+    def _start_ready(self) -> None:
+        """Route every request at the head of the queue whose head is complete and valid. A
+        loop, not recursion: a request answered at once (a 404) lets the next one start here."""
+        if self.starting:
+            return
+        self.starting = True
+        try:
+            queue = self.queue
+            while queue and not self.closing:
+                ex = queue[0]
+                if ex.phase is not _READING or not ex.head_done:
+                    break
+                self.deadline_kind = DEADLINE_NONE
+                self._start(ex)
+        finally:
+            self.starting = False
+
     def _start(self, ex: Exchange) -> None:
         """The exchange at the head of the queue has a complete head: route it."""
         proxy = self.proxy
         ex.started = proxy.now
-        if ex.error is not None:
-            self._reject(*ex.error)
-            return
+        ex.move(Phase.ROUTING)
         if self.fixed_service is not None:
             service: str | None = self.fixed_service
         else:
@@ -430,6 +434,7 @@ class ClientConnection:
         assert service is not None
         ex.service = service
         proxy.count(service).requests += 1
+        proxy.budget(service).deposit(ex.started)
         if self.proxy.sticky_cookie and ex.cookie is not None:
             ex.sticky = _cookie_value(ex.cookie, self.proxy.sticky_cookie)
         ex.hold_deadline = ex.started + proxy.hold_timeout
@@ -437,11 +442,14 @@ class ClientConnection:
 
     def attach(self, ex: Exchange, up: UpstreamConnection, reused: bool) -> None:
         """Send the exchange's request on this backend connection."""
+        ex.move(Phase.SENT if ex.upgrade is None else Phase.UPGRADE_PENDING)
         ex.upstream = up
+        ex.sends += 1
         up.exchange = ex
         up.reused = reused
         up.got_bytes = False
         up.interim = False
+        up.carried_upgrade = ex.upgrade is not None
         up.deadline = self.proxy.now + self.proxy.response_timeout
         transport = up.transport
         assert transport is not None
@@ -452,7 +460,7 @@ class ClientConnection:
                 ex.buffered_size = 0
         else:
             transport.write(ex.head)
-        if self.paused_for_buffer:
+        if self.paused_for_buffer and ex.upgrade is None:
             self.paused_for_buffer = False
             self.resume_if_free()
         if self.write_paused:
@@ -469,11 +477,12 @@ class ClientConnection:
         close: bool = True,
         extra: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
-        """Answer the exchange with the proxy's own response."""
-        if ex.closed or self.transport is None:
+        """Answer the exchange with the proxy's own response (or cut the connection, when the
+        client already saw part of another)."""
+        if ex.phase is _DONE or self.transport is None:
             return
         self.flush()
-        if ex.response_started:
+        if ex.client_saw:
             self.transport.abort()
             self.finish(ex, close=True)
             return
@@ -481,7 +490,8 @@ class ClientConnection:
         if ex.version == "1.0" and not close:
             extra = extra + ((b"Connection", b"keep-alive"),)
         ex.status = status
-        ex.response_started = True
+        ex.client_saw = True
+        ex.pending_head = None
         self.transport.write(
             error_response(status, message, close=close, head_only=ex.head_request, extra=extra)
         )
@@ -494,6 +504,7 @@ class ClientConnection:
         if self.wbuf:
             self.flush()
         proxy = self.proxy
+        ex.move(_DONE)
         proxy.release(ex)
         if proxy.metrics and ex.service:
             proxy.record(ex)
@@ -513,10 +524,12 @@ class ClientConnection:
             )
         if self.queue and self.queue[0] is ex:
             self.queue.popleft()
+        if self.switching is ex:
+            close = True  # the backend declined the upgrade: what followed is not HTTP we read
         transport = self.transport
         if transport is None:
             return
-        if close or not ex.keep_alive or not ex.body_done:
+        if close or not ex.keep_alive or not ex.body_done or (self.client_eof and not self.queue):
             self.closing = True
             transport.close()
             return
@@ -529,7 +542,7 @@ class ClientConnection:
         if self.queue:
             nxt = self.queue[0]
             if nxt.head_done:
-                self._start(nxt)
+                self._start_ready()
             else:
                 self.deadline = proxy.now + proxy.header_timeout
                 self.deadline_kind = DEADLINE_HEAD
@@ -577,19 +590,13 @@ class ClientConnection:
             ]
         if status < 200:
             if status == 101 and ex.upgrade is not None:
-                out.append(b"Upgrade: " + (upgrade or ex.upgrade) + b"\r\n")
-                out.append(b"Connection: upgrade\r\n\r\n")
-                ex.tunnel = True
-                ex.status = status
-                ex.response_started = True
-                self.wbuf.append(b"".join(out))
-                self.tunnel_to = up
-                up.tunnel_to = self
+                self._switch(ex, up, out, upgrade or ex.upgrade)
                 return
             up.interim = True
             if ex.version != "1.0" and status != 101:
                 out.append(b"\r\n")
                 self.wbuf.append(b"".join(out))
+                ex.client_saw = True
             return
         if ex.head_request or status in NO_BODY_STATUS:
             ex.out_mode = OUT_RAW
@@ -619,12 +626,19 @@ class ClientConnection:
         out.append(b"\r\n")
         ex.keep_alive = keep
         ex.status = status
-        ex.response_started = True
-        if ex.replayable and ex.method in IDEMPOTENT and not ex.head_request:
+        if (
+            ex.phase is Phase.SENT
+            and ex.replayable
+            and ex.method in IDEMPOTENT
+            and not ex.head_request
+        ):
             # Held back until the first body byte (usually in the same read): if the backend
             # dies before any, nothing reached the client and the request can be retried.
+            ex.move(Phase.HEAD_PENDING)
             ex.pending_head = b"".join(out)
         else:
+            ex.move(Phase.STREAMING)
+            ex.client_saw = True
             self.wbuf.append(b"".join(out))
         if status >= 500 and ex.endpoint is not None:
             self.proxy.report(ex.endpoint, False, f"HTTP {status}")
@@ -632,10 +646,37 @@ class ClientConnection:
             up.renew_parser = True
             self.response_done(ex, up)
 
+    def _switch(self, ex: Exchange, up: UpstreamConnection, out: list[bytes], proto: bytes) -> None:
+        """The backend agreed to the upgrade: pass bytes unchanged both ways from now on, the
+        client's held ones first."""
+        out.append(b"Upgrade: " + proto + b"\r\n")
+        out.append(b"Connection: upgrade\r\n\r\n")
+        ex.move(Phase.TUNNEL)
+        ex.status = 101
+        ex.client_saw = True
+        self.wbuf.append(b"".join(out))
+        self.switching = None
+        self.tunnel_to = up
+        up.tunnel_to = self
+        if ex.early and up.transport is not None:
+            up.transport.write(b"".join(ex.early))
+        ex.early = []
+        ex.early_size = 0
+        if self.paused_for_buffer:
+            self.paused_for_buffer = False
+            self.resume_if_free()
+
+    def _show_head(self, ex: Exchange) -> None:
+        pending = ex.pending_head
+        if pending is not None:
+            self.wbuf.append(pending)
+            ex.pending_head = None
+            ex.client_saw = True
+            ex.move(Phase.STREAMING)
+
     def response_body(self, ex: Exchange, data: bytes) -> None:
         if ex.pending_head is not None:
-            self.wbuf.append(ex.pending_head)
-            ex.pending_head = None
+            self._show_head(ex)
         if ex.out_mode == OUT_CHUNKED:
             self.wbuf.append(b"%x\r\n%b\r\n" % (len(data), data))
         else:
@@ -653,13 +694,17 @@ class ClientConnection:
     def response_done(self, ex: Exchange, up: UpstreamConnection) -> None:
         """The backend finished its response."""
         if ex.pending_head is not None:
-            self.wbuf.append(ex.pending_head)
-            ex.pending_head = None
+            self._show_head(ex)
         if ex.out_mode == OUT_CHUNKED:
             self.wbuf.append(_LAST_CHUNK)
         ep = ex.endpoint
         up.exchange = None
-        reusable = ex.body_done and not up.until_close and up.parser.should_keep_alive()
+        reusable = (
+            ex.body_done
+            and not up.until_close
+            and not up.carried_upgrade
+            and up.parser.should_keep_alive()
+        )
         if ep is not None and ex.status < 500:
             self.proxy.report(ep, True, "ok")
         self.flush()  # before the pool: a write that pauses the backend must not follow it there
@@ -673,65 +718,97 @@ class ClientConnection:
         """The backend connection closed while this exchange used it."""
         ep = ex.endpoint
         proxy = self.proxy
-        if ex.tunnel:
+        phase = ex.phase
+        if phase is Phase.TUNNEL:
             if self.transport is not None:
                 self.transport.close()
             self.finish(ex, close=True)
             return
-        if ex.response_started and ex.pending_head is not None and ex.status >= 200:
+        close_delimited = ex.out_mode == OUT_UNTIL_CLOSE or up.until_close
+        if phase is Phase.HEAD_PENDING:
             # Only the head arrived, and the client has seen none of it.
-            close_delimited = ex.out_mode == OUT_UNTIL_CLOSE or up.until_close
-            if close_delimited and not self._endpoint_gone(ep):
+            if close_delimited and exc is None and not self._endpoint_gone(ep):
                 # An empty close-delimited body, or a backend killed a moment ago whose
                 # kill/die event is still on its way: let the registry settle first.
                 proxy.loop.call_later(SETTLE_EMPTY, self._settle_empty, ex, up, exc)
                 return
-            ex.pending_head = None  # cut short by a dying backend: answer as if never started
-            ex.response_started = False
-            ex.status = 0
-        if ex.response_started:
-            if ex.status >= 200 and (ex.out_mode == OUT_UNTIL_CLOSE or up.until_close):
-                self.response_done(ex, up)
+        elif phase is Phase.STREAMING:
+            if exc is None and close_delimited and ex.status >= 200:
+                self.response_done(ex, up)  # a clean close ends a close-delimited body
                 return
-            if ep is not None:
-                proxy.report(ep, False, "connection closed mid-response")
+            # Cut short: the client must not take it for a whole response. No terminating
+            # chunk, no keep-alive; it counts against the endpoint.
+            why = f"backend connection lost mid-response ({exc or 'EOF'})"
+            logger.info("service %s: response cut short: %s", ex.service, why)
+            self._report_failure(ex, why)
             proxy.count(ex.service).errors += 1
+            self.wbuf.clear()
             if self.transport is not None:
                 self.transport.abort()
             self.finish(ex, close=True)
             return
+        self.attempt_failed(
+            ex, up, f"backend closed the connection before responding ({exc or 'EOF'})"
+        )
+
+    def attempt_failed(self, ex: Exchange, up: UpstreamConnection | None, why: str) -> None:
+        """An attempt failed before the client saw any of its response: retry it as
+        retry.decide says, or answer 502."""
+        proxy = self.proxy
+        ep = ex.endpoint
+        ex.pending_head = None
+        ex.status = 0
+        ex.out_mode = OUT_RAW
         ex.upstream = None
         proxy.release(ex)
-        why = f"backend closed the connection before responding ({exc or 'EOF'})"
-        if not up.got_bytes and up.reused and not ex.race_retried and ex.replayable:
+        service = ex.service
+        budget = proxy.budget(service)
+        attempt = Attempt(
+            phase=ex.phase,
+            idempotent=ex.method in IDEMPOTENT,
+            replayable=ex.replayable,
+            reused=up is not None and up.reused,
+            got_bytes=up is not None and up.got_bytes,
+            client_saw=ex.client_saw,
+            sends=ex.sends,
+            race_retried=ex.race_retried,
+        )
+        verdict = decide(attempt, proxy.retries, budget.allows(proxy.now))
+        if verdict is Verdict.RETRY_FRESH:
             # The keep-alive race: the backend closed an idle connection as we reused it.
             ex.race_retried = True
             ex.fresh_only = True
-            proxy.count(ex.service).retries += 1
-            logger.debug("retrying %s on a fresh connection: %s", ex.service, why)
+            ex.move(Phase.ROUTING)
+            proxy.count(service).retries += 1
+            logger.debug("retrying %s on a fresh connection: %s", service, why)
             proxy.dispatch(ex)
             return
-        if ep is not None:
-            proxy.report(ep, False, why)
-        # Nothing reached the client (a partial head from a dying backend is not forwarded):
-        # an idempotent request may go elsewhere.
-        if ex.replayable and ex.method in IDEMPOTENT and ep is not None:
-            ex.tried.add(target_of(ep))
-            proxy.count(ex.service).retries += 1
-            logger.debug("retrying %s %s elsewhere: %s", ex.method, ex.service, why)
+        self._report_failure(ex, why)
+        if verdict is Verdict.RETRY and ep is not None:
+            budget.spend(proxy.now)
+            ex.sent_to.add(target_of(ep))
+            ex.move(Phase.ROUTING)
+            proxy.count(service).retries += 1
+            logger.debug("retrying %s %s elsewhere: %s", ex.method, service, why)
             proxy.dispatch(ex)
             return
         self.respond(ex, 502, f"bad gateway: {why}")
 
+    def _report_failure(self, ex: Exchange, why: str) -> None:
+        """Tell passive health, once per request: a request that fails everywhere it goes is
+        more likely bad itself than every endpoint it reached."""
+        if not ex.reported and ex.endpoint is not None:
+            ex.reported = True
+            self.proxy.report(ex.endpoint, False, why)
+
     def _settle_empty(self, ex: Exchange, up: UpstreamConnection, exc: Exception | None) -> None:
         self.proxy.now = self.proxy.loop.time()
-        if ex.closed:
+        if ex.phase is _DONE:
             return
         if self._endpoint_gone(ex.endpoint):
-            ex.pending_head = None
-            ex.response_started = False
-            ex.status = 0
-            self.upstream_lost(ex, up, exc)
+            self.attempt_failed(
+                ex, up, f"backend closed the connection before responding ({exc or 'EOF'})"
+            )
         else:
             self.response_done(ex, up)
 
@@ -747,13 +824,12 @@ class ClientConnection:
         )
 
     def upstream_garbage(self, ex: Exchange, up: UpstreamConnection, why: str) -> None:
-        if ex.endpoint is not None:
-            self.proxy.report(ex.endpoint, False, why)
+        self._report_failure(ex, why)
+        self.wbuf.clear()
         self.respond(ex, 502, f"bad gateway: {why}")
 
     def upstream_timeout(self, ex: Exchange) -> None:
-        if ex.endpoint is not None:
-            self.proxy.report(ex.endpoint, False, "response timeout")
+        self._report_failure(ex, "response timeout")
         self.respond(ex, 504, "gateway timeout: the backend did not answer in time")
 
     # -- errors and teardown ------------------------------------------------------------------
@@ -763,40 +839,64 @@ class ClientConnection:
         if self.closing or self.transport is None:
             return
         self.closing = True
-        active = self.queue[0] if self.queue else None
         self.proxy.count(None).bad_requests += 1
         logger.debug("client %s: %d %s", self.peer.decode(), status, message)
-        if active is not None and (
-            active.response_started
-            or active.upstream is not None
-            or active.held
-            or active.connecting
-        ):
-            if active.head_done and active is not self.reading:
-                # A response is under way for an earlier request; cut the connection.
-                self.transport.abort()
-                return
+        active = self.queue[0] if self.queue else None
+        if active is not None and active.phase is not _READING and active is not self.reading:
+            # A response is under way for an earlier request; cut the connection.
+            self.transport.abort()
+            return
         self.flush()
         self.transport.write(error_response(status, message))
         self.transport.close()
 
+    def internal_error(self, ex: Exchange | None, exc: BaseException | None) -> None:
+        """A bug of ours surfaced while serving this connection: log it with its traceback,
+        count it, and close (with a 500 when the client saw nothing of the response)."""
+        self.proxy.internal_errors += 1
+        logger.error("internal error serving client %s: %r", self.peer.decode(), exc, exc_info=exc)
+        transport = self.transport
+        if self.closing or transport is None:
+            return
+        self.closing = True
+        if ex is not None and not ex.client_saw:
+            self.wbuf.clear()
+            transport.write(error_response(500, "internal error"))
+            transport.close()
+        else:
+            transport.abort()
+
     def _abandon(self, ex: Exchange) -> None:
-        ex.closed = True
         proxy = self.proxy
-        if ex.held:  # unhold cancels its timer (only a held exchange has one)
+        if ex.phase is Phase.HELD:  # unhold cancels its timer (only a held exchange has one)
             proxy.unhold(ex)
+        tunnel = ex.phase is Phase.TUNNEL
+        if ex.phase is not _DONE:
+            ex.move(_DONE)
         up = ex.upstream
         if up is not None:
             ex.upstream = None
             up.exchange = None
             if up.transport is not None:
-                if ex.tunnel:
+                if tunnel:
                     up.transport.close()
                 else:
                     up.transport.abort()
         proxy.release(ex)
 
+    def due(self, now: float) -> bool:
+        """A deadline of this connection passed by ``now``."""
+        return bool(self.deadline_kind and self.deadline <= now) or 0.0 < self.send_deadline <= now
+
     def timed_out(self, now: float) -> None:
+        if self.write_paused and self.send_deadline and self.send_deadline <= now:
+            # The client stopped reading what we send: let its backend connection go.
+            self.proxy.count(self.queue[0].service if self.queue else None).slow_clients += 1
+            logger.debug("client %s: not reading; closed", self.peer.decode())
+            self.closing = True
+            if self.transport is not None:
+                self.transport.abort()
+            return
         if self.deadline_kind == DEADLINE_IDLE:
             self.closing = True
             if self.transport is not None:
@@ -813,8 +913,13 @@ class ClientConnection:
         self.deadline_kind = DEADLINE_NONE
 
 
-class _Stop(Exception):
-    """Raised from a parser callback to stop parsing a connection already answered."""
+class _Reject(Exception):
+    """Raised from a parser callback: the client's request is refused with this status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
 
 def _cookie_value(header: bytes, name: str) -> str | None:
@@ -824,182 +929,3 @@ def _cookie_value(header: bytes, name: str) -> str | None:
         if sep and key == wanted:
             return value.strip().decode("latin-1")
     return None
-
-
-class UpstreamConnection:
-    """One connection to one backend endpoint; pooled between requests (an asyncio protocol by
-    shape, like ClientConnection)."""
-
-    __slots__ = (
-        "proxy",
-        "key",
-        "transport",
-        "parser",
-        "exchange",
-        "headers",
-        "reason",
-        "reused",
-        "got_bytes",
-        "interim",
-        "until_close",
-        "renew_parser",
-        "deadline",
-        "tunnel_to",
-        "read_paused",
-    )
-
-    def __init__(self, proxy: Proxy, key: tuple[str, str, int]) -> None:
-        self.proxy = proxy
-        self.key = key
-        self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
-        self.exchange: Exchange | None = None
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.reason = b""
-        self.reused = False
-        self.got_bytes = False
-        self.interim = False
-        self.until_close = False
-        self.renew_parser = False
-        self.deadline = 0.0
-        self.tunnel_to: ClientConnection | None = None
-        self.read_paused = False  # by our flow control: the client reads slower than we get
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.proxy.upstreams.add(self)
-
-    def set_reading(self, reading: bool) -> None:
-        transport = self.transport
-        if transport is None or reading != self.read_paused:
-            return
-        self.read_paused = not reading
-        if reading:
-            transport.resume_reading()
-        else:
-            transport.pause_reading()
-
-    def data_received(self, data: bytes) -> None:
-        if self.tunnel_to is not None:
-            client = self.tunnel_to.transport
-            if client is not None:
-                client.write(data)
-            return
-        ex = self.exchange
-        if ex is None:
-            # Bytes from a backend with no request outstanding: it cannot be reused.
-            if self.transport is not None:
-                self.transport.close()
-            return
-        self.got_bytes = True
-        proxy = self.proxy
-        proxy.now = proxy.loop.time()
-        self.deadline = proxy.now + proxy.response_timeout
-        conn = ex.conn
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
-            conn.flush()
-            rest = data[upgrade.args[0] :]
-            if conn.transport is not None and rest:
-                conn.transport.write(rest)
-            return
-        except httptools.HttpParserError as exc:
-            if self.transport is not None:
-                self.transport.abort()
-            if ex is self.exchange:
-                self.exchange = None
-                ex.conn.upstream_garbage(ex, self, f"invalid response: {exc}")
-            return
-        conn.flush()
-        if self.renew_parser:
-            self.renew_parser = False
-            self.parser = httptools.HttpResponseParser(self)
-
-    def eof_received(self) -> bool | None:
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        proxy = self.proxy
-        proxy.now = proxy.loop.time()
-        proxy.upstreams.discard(self)
-        proxy.pool_discard(self)
-        tunnel = self.tunnel_to
-        ex = self.exchange
-        self.exchange = None
-        self.transport = None
-        if ex is not None and not ex.closed:
-            ex.conn.upstream_lost(ex, self, exc)
-        elif tunnel is not None and tunnel.transport is not None:
-            tunnel.transport.close()
-
-    def pause_writing(self) -> None:
-        ex = self.exchange
-        client = ex.conn if ex is not None else self.tunnel_to
-        if client is not None and client.transport is not None:
-            client.paused_for_upstream = True
-            client.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        ex = self.exchange
-        client = ex.conn if ex is not None else self.tunnel_to
-        if client is not None:
-            client.paused_for_upstream = False
-            client.resume_if_free()
-
-    # -- llhttp callbacks ---------------------------------------------------------------------
-
-    def on_status(self, status: bytes) -> None:
-        self.reason = status
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        # This message's fields and reason, taken so the next message starts empty (cheaper
-        # than an on_message_begin callback per response).
-        headers, reason = self.headers, self.reason
-        self.headers = []
-        self.reason = b""
-        ex = self.exchange
-        if ex is None:
-            return
-        status = self.parser.get_status_code()
-        if status == 101 and ex.upgrade is None:
-            raise _Stop("101 to a request without Upgrade")
-        self.until_close = False
-        ex.conn.response_head(ex, self, status, headers, reason)
-
-    def on_body(self, body: bytes) -> None:
-        ex = self.exchange
-        if ex is not None:
-            ex.conn.response_body(ex, body)
-
-    def on_message_complete(self) -> None:
-        ex = self.exchange
-        if ex is None:
-            return
-        if self.interim:
-            self.interim = False
-            return
-        if ex.tunnel:
-            return
-        ex.conn.response_done(ex, self)
-
-    def timed_out(self, now: float) -> None:
-        ex = self.exchange
-        transport = self.transport
-        if ex is None:
-            if transport is not None:
-                transport.close()  # idle in the pool too long
-            return
-        if ex.tunnel:
-            return
-        if ex.conn.write_paused:
-            # Our own flow control stopped reading (a slow client), not the backend.
-            self.deadline = now + self.proxy.response_timeout
-            return
-        self.exchange = None
-        if transport is not None:
-            transport.abort()
-        ex.conn.upstream_timeout(ex)
