@@ -141,13 +141,19 @@ class Collector:
                 ("retries", "Requests retried on another endpoint."),
                 ("holds", "Requests held while the service had no ready endpoint."),
                 ("errors", "Errors answered by the proxy (5xx) or responses cut short."),
-                ("bad_requests", "Client requests rejected (400, 408, 431)."),
+                ("bad_requests", "Client requests rejected (400, 405, 408, 431, 501, 505)."),
+                ("slow_clients", "Clients closed for not reading a response (send_timeout)."),
             )
         }
         for service, c in sorted(proxy.counters.items()):
             for attr, counter in counted.items():
                 counter.add_metric([service], getattr(c, attr))
         yield from counted.values()
+        yield CounterMetricFamily(
+            "stablenet_proxy_internal_errors",
+            "Exceptions in the proxy's own code while serving a connection (each closed it).",
+            value=proxy.internal_errors,
+        )
         if proxy.responses:
             by_class = CounterMetricFamily(
                 "stablenet_proxy_responses",
