@@ -17,7 +17,7 @@ import pytest
 
 from stablenet.model import Endpoint, Upsert
 from stablenet.registry import Registry
-from tests.test_proxy_http import HOST, endpoint, exchange_raw, running_proxy
+from tests.test_proxy_http import HOST, endpoint, eventually, exchange_raw, running_proxy
 
 Handler = Callable[["Backend", asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[bool]]
 
@@ -91,16 +91,6 @@ async def backend(handler: Handler = answer_ok) -> AsyncIterator[Backend]:
         yield state
     finally:
         server.close()
-
-
-async def eventually(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    """Wait for the proxy's state to satisfy ``predicate`` (it has no event for each of these,
-    so look after every short turn of the loop); fail after ``within`` s."""
-    for _ in range(int(within / 0.01)):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"not reached within {within} s")
 
 
 async def send_raw(url: str, data: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

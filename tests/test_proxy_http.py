@@ -119,6 +119,16 @@ async def running_proxy(registry: Registry, **options: Any) -> AsyncIterator[tup
         yield proxy, f"http://{host}:{port}"
 
 
+async def eventually(predicate: Callable[[], bool], within: float = 5.0) -> None:
+    """Wait for the proxy's state to satisfy ``predicate`` (it has no event for each of these,
+    so look after every short turn of the loop); fail after ``within`` s."""
+    for _ in range(int(within / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"not reached within {within} s")
+
+
 async def exchange_raw(url: str, data: bytes, wait: float = 5.0) -> bytes:
     """Send bytes to the proxy and read everything until it closes."""
     host, _, port = url.removeprefix("http://").partition(":")
@@ -558,7 +568,7 @@ async def test_hold_then_503_with_retry_after() -> None:
     registry = Registry()
     async with running_proxy(registry, hold_timeout=0.5) as (proxy, url):
         registry.apply([Upsert(endpoint(free_port(), 1))])
-        await asyncio.sleep(0.05)
+        assert proxy.route(HOST.encode()) == "web"  # the proxy saw the service
         registry.apply([Remove(f"{1:064x}")])  # a service the proxy saw, now with no endpoint
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -572,13 +582,13 @@ async def test_hold_then_503_with_retry_after() -> None:
 
 async def test_held_request_served_when_an_endpoint_becomes_ready() -> None:
     registry = Registry()
-    async with serve_app(whoami_app("late")) as port, running_proxy(registry) as (_, url):
+    async with serve_app(whoami_app("late")) as port, running_proxy(registry) as (proxy, url):
         registry.apply([Upsert(endpoint(port, 1)), Drain(f"{1:064x}")])  # known, not ready
         async with aiohttp.ClientSession() as http:
             request = asyncio.get_running_loop().create_task(
                 http.get(url + "/", headers={"Host": HOST})
             )
-            await asyncio.sleep(0.3)
+            await eventually(lambda: bool(proxy.waiters.get("web")))
             assert not request.done()
             registry.apply([Upsert(endpoint(port, 2))])
             async with asyncio.timeout(5):
