@@ -145,33 +145,33 @@ class Collector:
                 ("slow_clients", "Clients closed for not reading a response (send_timeout)."),
             )
         }
-        for service, c in sorted(proxy.counters.items()):
+        for service, c in sorted(proxy.dispatcher.counters.items()):
             for attr, counter in counted.items():
                 counter.add_metric([service], getattr(c, attr))
         yield from counted.values()
         yield CounterMetricFamily(
             "stablenet_proxy_internal_errors",
             "Exceptions in the proxy's own code while serving a connection (each closed it).",
-            value=proxy.internal_errors,
+            value=proxy.dispatcher.internal_errors,
         )
-        if proxy.responses:
+        if proxy.dispatcher.responses:
             by_class = CounterMetricFamily(
                 "stablenet_proxy_responses",
                 "Responses by service, endpoint and status class.",
                 labels=["service", "endpoint", "class"],
             )
-            for (service, endpoint, cls), count in sorted(proxy.responses.items()):
+            for (service, endpoint, cls), count in sorted(proxy.dispatcher.responses.items()):
                 by_class.add_metric([service, endpoint, cls], count)
             yield by_class
         yield from _histograms(
             "stablenet_proxy_request_duration_seconds",
             "Time from request headers to the end of the response, by service.",
-            proxy.latency,
+            proxy.dispatcher.latency,
         )
         yield from _histograms(
             "stablenet_proxy_hold_duration_seconds",
             "Time requests were held waiting for a ready endpoint, by service.",
-            proxy.hold_time,
+            proxy.dispatcher.hold_time,
         )
 
 

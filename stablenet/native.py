@@ -25,6 +25,7 @@ COMPILED = (
     "lifecycle.py",
     "proxy/balance.py",
     "proxy/client.py",
+    "proxy/dispatch.py",
     "proxy/exchange.py",
     "proxy/http1.py",
     "proxy/retry.py",

@@ -3,24 +3,44 @@ retry.decide over every combination of its inputs, and the per-service retry bud
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from stablenet.config import ProxyConfig
+from stablenet.proxy import Proxy
+from stablenet.proxy.client import ClientConnection
 from stablenet.proxy.exchange import TRANSITIONS, Exchange, IllegalMove, Phase
 from stablenet.proxy.retry import Attempt, RetryBudget, Verdict, decide, reuse_ok
+from stablenet.registry import Registry
 
 
-def fresh(phase: Phase) -> Exchange:
-    ex = Exchange(None)  # type: ignore[arg-type]
+@pytest.fixture(scope="module")
+def conn() -> Iterator[ClientConnection]:
+    """A client connection the exchanges belong to; never connected: no I/O here."""
+    loop = asyncio.new_event_loop()
+
+    async def make() -> ClientConnection:
+        return ClientConnection(Proxy(Registry(), ProxyConfig()).dispatcher)
+
+    yield loop.run_until_complete(make())
+    loop.close()
+
+
+def fresh(conn: ClientConnection, phase: Phase) -> Exchange:
+    ex = Exchange(conn)
     ex.phase = phase
     return ex
 
 
 @pytest.mark.parametrize(("src", "dst"), list(itertools.product(Phase, Phase)))
-def test_every_move_is_allowed_exactly_when_the_table_says(src: Phase, dst: Phase) -> None:
-    ex = fresh(src)
+def test_every_move_is_allowed_exactly_when_the_table_says(
+    conn: ClientConnection, src: Phase, dst: Phase
+) -> None:
+    ex = fresh(conn, src)
     if dst in TRANSITIONS[src]:
         ex.move(dst)
         assert ex.phase is dst

@@ -137,14 +137,14 @@ async def exchange(
         ProxyConfig(), listen="127.0.0.1:1", hold_timeout=0.05, connect_timeout=0.05
     )
     proxy = Proxy(registry, config)
-    proxy.loop = asyncio.get_running_loop()
-    proxy.now = proxy.loop.time()
-    up = UpstreamConnection(proxy, (ENDPOINT.id, ENDPOINT.address, ENDPOINT.port or 80))
+    proxy.dispatcher.loop = asyncio.get_running_loop()
+    proxy.dispatcher.now = proxy.dispatcher.loop.time()
+    up = UpstreamConnection(proxy.dispatcher, (ENDPOINT.id, ENDPOINT.address, ENDPOINT.port or 80))
     up_transport = FakeTransport()
     up_transport.protocol = up
     up.connection_made(up_transport)  # type: ignore[arg-type]
-    proxy.pool_put(up)
-    client = ClientConnection(proxy)
+    proxy.dispatcher.pool_put(up)
+    client = ClientConnection(proxy.dispatcher)
     transport = FakeTransport()
     transport.protocol = client
     client.connection_made(transport)  # type: ignore[arg-type]
@@ -167,8 +167,8 @@ async def exchange(
     await proxy.cancel_tasks()
     written = bytes(transport.written)
     assert not written or written.startswith(b"HTTP/1.1 "), written[:200]
-    assert proxy.balancer.inflight == {}, proxy.balancer.inflight
-    assert not proxy.waiters
+    assert proxy.dispatcher.balancer.inflight == {}, proxy.dispatcher.balancer.inflight
+    assert not proxy.dispatcher.waiters
     return written
 
 

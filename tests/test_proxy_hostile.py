@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from stablenet.model import Endpoint, Upsert
-from stablenet.registry import Registry
+from stablenet.registry import Registry, Snapshot
 from tests.test_proxy_http import HOST, endpoint, eventually, exchange_raw, running_proxy
 
 Handler = Callable[["Backend", asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[bool]]
@@ -237,7 +237,7 @@ async def test_a_query_of_death_reaches_at_most_retries_plus_one_backends() -> N
     ):
         registry = one_service(a, b, c)
         async with running_proxy(registry, retries=2, hold_timeout=2.0) as (proxy, url):
-            proxy.report = report
+            proxy.dispatcher.report = report
             qod = b"GET /qod HTTP/1.1\r\nHost: %b\r\n\r\n" % HOST.encode()
             answer = await exchange_raw(url, qod)
             normal = await exchange_raw(
@@ -270,7 +270,7 @@ async def test_a_reset_mid_body_is_not_passed_on_as_complete() -> None:
     reports: list[bool] = []
     async with backend(reset_mid_body) as be:
         async with running_proxy(one_service(be)) as (proxy, url):
-            proxy.report = lambda ep, ok, why: reports.append(ok)
+            proxy.dispatcher.report = lambda ep, ok, why: reports.append(ok)
             reader, writer = await send_raw(
                 url, b"GET / HTTP/1.1\r\nHost: %b\r\n\r\n" % HOST.encode()
             )
@@ -312,23 +312,40 @@ async def test_a_long_pipeline_behind_a_held_request_is_answered_in_full() -> No
     assert b"HTTP/1.1 400 " not in got
 
 
+class BrokenRegistry(Registry):
+    """A registry whose snapshot read fails once ``broken`` is set: a stand-in for any bug of
+    ours met while serving a request."""
+
+    broken = False
+
+    @property
+    def snapshot(self) -> Snapshot:
+        if self.broken:
+            raise RuntimeError("a bug of ours")
+        return self._snap
+
+    @snapshot.setter
+    def snapshot(self, snap: Snapshot) -> None:
+        self._snap = snap
+
+
 async def test_a_bug_of_ours_is_a_logged_500_not_a_400(caplog: pytest.LogCaptureFixture) -> None:
     async with backend() as be:
-        async with running_proxy(one_service(be)) as (proxy, url):
-
-            def broken(host: bytes) -> str | None:
-                raise RuntimeError("routing bug")
-
-            proxy.route = broken  # type: ignore[method-assign]
+        registry = BrokenRegistry()
+        registry.apply([Upsert(endpoint(be.port))])
+        async with running_proxy(registry) as (proxy, url):
+            registry.broken = True
             with caplog.at_level(logging.ERROR, logger="stablenet.proxy"):
                 answer = await exchange_raw(
                     url, b"GET / HTTP/1.1\r\nHost: %b\r\n\r\n" % HOST.encode()
                 )
+            registry.broken = False
     assert answer.startswith(b"HTTP/1.1 500 ")
-    assert proxy.internal_errors == 1
+    assert proxy.dispatcher.internal_errors == 1
     assert proxy.count(None).bad_requests == 0
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert errors and errors[0].exc_info is not None and "routing bug" in str(errors[0].exc_info[1])
+    assert errors and errors[0].exc_info is not None
+    assert "a bug of ours" in str(errors[0].exc_info[1])
 
 
 # -- 6. a client that closes is let go at once -------------------------------------------------
@@ -342,7 +359,7 @@ async def test_a_client_that_closes_is_let_go_at_once() -> None:
             )
             await read_response(reader)
             writer.close()
-            await eventually(lambda: not proxy.clients, within=2.0)
+            await eventually(lambda: not proxy.dispatcher.clients, within=2.0)
             # Half-closed with a request in flight: the answer still comes, then the close.
             reader, writer = await send_raw(
                 url, b"GET / HTTP/1.1\r\nHost: %b\r\n\r\n" % HOST.encode()
@@ -350,7 +367,7 @@ async def test_a_client_that_closes_is_let_go_at_once() -> None:
             writer.write_eof()
             got = await asyncio.wait_for(reader.read(-1), 2)
             writer.close()
-            await eventually(lambda: not proxy.clients, within=2.0)
+            await eventually(lambda: not proxy.dispatcher.clients, within=2.0)
     assert got.startswith(b"HTTP/1.1 200 ") and got.endswith(b"ok")
 
 
@@ -380,10 +397,13 @@ async def test_a_client_that_does_not_read_is_closed_and_its_backend_released() 
             sock.sendall(b"GET / HTTP/1.1\r\nHost: %b\r\n\r\n" % HOST.encode())
             try:
                 await eventually(lambda: proxy.count("web").slow_clients == 1, within=10.0)
-                await eventually(lambda: not proxy.clients and not proxy.upstreams, within=5.0)
+                await eventually(
+                    lambda: not proxy.dispatcher.clients and not proxy.dispatcher.upstreams,
+                    within=5.0,
+                )
             finally:
                 sock.close()
-    assert proxy.balancer.inflight == {}
+    assert proxy.dispatcher.balancer.inflight == {}
 
 
 # -- 8. framing a strict proxy refuses ---------------------------------------------------------

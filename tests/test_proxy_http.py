@@ -19,7 +19,7 @@ from aiohttp import web
 from stablenet.config import ProxyConfig
 from stablenet.model import Drain, Endpoint, Remove, Upsert
 from stablenet.proxy import Proxy
-from stablenet.proxy.server import HOST_CACHE
+from stablenet.proxy.dispatch import HOST_CACHE
 from stablenet.registry import Registry
 from tests.helpers import free_port
 
@@ -261,7 +261,7 @@ async def test_a_response_without_reason_phrase_does_not_inherit_one() -> None:
             second = await exchange_raw(
                 url, request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
             )
-            assert len(proxy.upstreams) == 1  # the same backend connection served both
+            assert len(proxy.dispatcher.upstreams) == 1  # the same backend connection served both
     assert first.startswith(b"HTTP/1.1 200 Fine Thanks\r\n")
     assert second.startswith(b"HTTP/1.1 204 \r\n")
 
@@ -269,18 +269,18 @@ async def test_a_response_without_reason_phrase_does_not_inherit_one() -> None:
 async def test_host_routes_follow_the_registry_and_stay_bounded() -> None:
     registry = Registry()
     async with running_proxy(registry) as (proxy, _):
-        assert proxy.route(HOST.encode()) is None
+        assert proxy.dispatcher.route(HOST.encode()) is None
         registry.apply([Upsert(endpoint(free_port()))])
         # A new routing table: the remembered miss is gone; case, port and a final dot are
         # the same host.
         for raw in (HOST, HOST.upper(), HOST + ":80", HOST + "."):
-            assert proxy.route(raw.encode()) == "web", raw
+            assert proxy.dispatcher.route(raw.encode()) == "web", raw
         for n in range(3 * HOST_CACHE):
-            assert proxy.route(b"random-%d.example" % n) is None
-        assert proxy.route(HOST.encode()) == "web"
-        assert len(proxy._by_host) <= HOST_CACHE
-        proxy.route(b"x" * 4000)  # too long to remember
-        assert b"x" * 4000 not in proxy._by_host
+            assert proxy.dispatcher.route(b"random-%d.example" % n) is None
+        assert proxy.dispatcher.route(HOST.encode()) == "web"
+        assert len(proxy.dispatcher._by_host) <= HOST_CACHE
+        proxy.dispatcher.route(b"x" * 4000)  # too long to remember
+        assert b"x" * 4000 not in proxy.dispatcher._by_host
 
 
 async def test_access_log_names_request_status_service_and_endpoint(
@@ -313,7 +313,7 @@ async def test_keep_alive_reuses_backend_connections(one_backend: tuple[Registry
             for _ in range(20):
                 async with http.get(url + "/", headers={"Host": HOST}) as resp:
                     assert await resp.text() == "one"
-        assert len(proxy.upstreams) == 1
+        assert len(proxy.dispatcher.upstreams) == 1
 
 
 async def test_streams_large_bodies_both_ways_without_buffering(
@@ -345,7 +345,7 @@ async def test_streams_large_bodies_both_ways_without_buffering(
                     await asyncio.sleep(0.01)
                     buffered = sum(
                         c.transport.get_write_buffer_size()
-                        for c in proxy.clients
+                        for c in proxy.dispatcher.clients
                         if c.transport is not None
                     )
                     assert buffered < 4 << 20
@@ -568,7 +568,7 @@ async def test_hold_then_503_with_retry_after() -> None:
     registry = Registry()
     async with running_proxy(registry, hold_timeout=0.5) as (proxy, url):
         registry.apply([Upsert(endpoint(free_port(), 1))])
-        assert proxy.route(HOST.encode()) == "web"  # the proxy saw the service
+        assert proxy.dispatcher.route(HOST.encode()) == "web"  # the proxy saw the service
         registry.apply([Remove(f"{1:064x}")])  # a service the proxy saw, now with no endpoint
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -588,7 +588,7 @@ async def test_held_request_served_when_an_endpoint_becomes_ready() -> None:
             request = asyncio.get_running_loop().create_task(
                 http.get(url + "/", headers={"Host": HOST})
             )
-            await eventually(lambda: bool(proxy.waiters.get("web")))
+            await eventually(lambda: bool(proxy.dispatcher.waiters.get("web")))
             assert not request.done()
             registry.apply([Upsert(endpoint(port, 2))])
             async with asyncio.timeout(5):

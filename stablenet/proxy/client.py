@@ -45,7 +45,7 @@ from stablenet.proxy.http1 import (
 from stablenet.proxy.retry import Attempt, Verdict, decide
 
 if TYPE_CHECKING:
-    from stablenet.proxy.server import Proxy
+    from stablenet.proxy.dispatch import Dispatcher
     from stablenet.proxy.upstream import UpstreamConnection
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class ClientConnection:
     otherwise each request is routed by its Host."""
 
     __slots__ = (
-        "proxy",
+        "dispatcher",
         "fixed_service",
         "transport",
         "parser",
@@ -94,8 +94,8 @@ class ClientConnection:
         "wbuf",
     )
 
-    def __init__(self, proxy: Proxy, fixed_service: str | None = None) -> None:
-        self.proxy = proxy
+    def __init__(self, dispatcher: Dispatcher, fixed_service: str | None = None) -> None:
+        self.dispatcher = dispatcher
         self.fixed_service = fixed_service
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
@@ -125,14 +125,14 @@ class ClientConnection:
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = str(peer[0]).encode()
-        proxy = self.proxy
-        proxy.clients.add(self)
-        proxy.now = proxy.loop.time()
-        self.deadline = proxy.now + proxy.header_timeout
+        dispatcher = self.dispatcher
+        dispatcher.clients.add(self)
+        dispatcher.now = dispatcher.loop.time()
+        self.deadline = dispatcher.now + dispatcher.header_timeout
         self.deadline_kind = DEADLINE_HEAD
 
     def data_received(self, data: bytes) -> None:
-        self.proxy.now = self.proxy.loop.time()
+        self.dispatcher.now = self.dispatcher.loop.time()
         if self.tunnel_to is not None:
             transport = self.tunnel_to.transport
             if transport is not None:
@@ -168,7 +168,7 @@ class ClientConnection:
             return
         if self.reading is not None and not self.reading.head_done:
             self.raw_pending += len(data)
-            if self.raw_pending > 4 * self.proxy.max_header_size:
+            if self.raw_pending > 4 * self.dispatcher.max_header_size:
                 self._reject(431, "request header fields too large")
                 return
         if self.queue:
@@ -193,7 +193,7 @@ class ClientConnection:
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
-        self.proxy.clients.discard(self)
+        self.dispatcher.clients.discard(self)
         for ex in self.queue:
             self._abandon(ex)
         self.queue.clear()
@@ -220,7 +220,7 @@ class ClientConnection:
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        self.send_deadline = self.proxy.now + self.proxy.send_timeout
+        self.send_deadline = self.dispatcher.now + self.dispatcher.send_timeout
         up = self.queue[0].upstream if self.queue else self.tunnel_to
         if up is not None:
             up.set_reading(False)
@@ -245,7 +245,7 @@ class ClientConnection:
         self.head_size = 0
         self.raw_pending = 0
         if len(self.queue) == 1:
-            self.deadline = self.proxy.now + self.proxy.header_timeout
+            self.deadline = self.dispatcher.now + self.dispatcher.header_timeout
             self.deadline_kind = DEADLINE_HEAD
 
     def on_url(self, url: bytes) -> None:
@@ -253,14 +253,14 @@ class ClientConnection:
         assert ex is not None
         ex.url = ex.url + url if ex.url else url
         self.head_size += len(url)
-        if self.head_size > self.proxy.max_header_size:
+        if self.head_size > self.dispatcher.max_header_size:
             raise _Reject(431, "request header fields too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         ex = self.reading
         assert ex is not None
         self.head_size += len(name) + len(value) + 4
-        if self.head_size > self.proxy.max_header_size:
+        if self.head_size > self.dispatcher.max_header_size:
             raise _Reject(431, "request header fields too large")
         lname = name.lower()
         if lname in HOP_BY_HOP:
@@ -285,7 +285,7 @@ class ClientConnection:
             ex.cl_seen = True
             if ex.body_mode != BODY_CHUNKED:
                 ex.body_mode = BODY_LENGTH if value.strip(b" \t") != b"0" else BODY_NONE
-        elif lname == b"cookie" and self.proxy.sticky_cookie:
+        elif lname == b"cookie" and self.dispatcher.sticky_cookie:
             ex.cookie = value if ex.cookie is None else ex.cookie + b"; " + value
         ex.headers.append((name, value))
 
@@ -382,7 +382,7 @@ class ClientConnection:
         up = ex.upstream
         if up is not None and up.transport is not None:
             up.transport.write(data)
-            up.deadline = self.proxy.now + self.proxy.response_timeout  # still uploading
+            up.deadline = self.dispatcher.now + self.dispatcher.response_timeout  # still uploading
             if ex.replayable:
                 ex.buffered.append(data)
                 ex.buffered_size += len(data)
@@ -418,27 +418,27 @@ class ClientConnection:
 
     def _start(self, ex: Exchange) -> None:
         """The exchange at the head of the queue has a complete head: route it."""
-        proxy = self.proxy
-        ex.started = proxy.now
+        dispatcher = self.dispatcher
+        ex.started = dispatcher.now
         ex.move(Phase.ROUTING)
         if self.fixed_service is not None:
             service: str | None = self.fixed_service
         else:
-            service = proxy.route(ex.host or b"")
+            service = dispatcher.route(ex.host or b"")
             if service is None:
-                proxy.count(None).requests += 1
+                dispatcher.count(None).requests += 1
                 self.respond(
                     ex, 404, f"no service for host {printable(ex.host or b'')!r}", close=False
                 )
                 return
         assert service is not None
         ex.service = service
-        proxy.count(service).requests += 1
-        proxy.budget(service).deposit(ex.started)
-        if self.proxy.sticky_cookie and ex.cookie is not None:
-            ex.sticky = _cookie_value(ex.cookie, self.proxy.sticky_cookie)
-        ex.hold_deadline = ex.started + proxy.hold_timeout
-        proxy.dispatch(ex)
+        dispatcher.count(service).requests += 1
+        dispatcher.budget(service).deposit(ex.started)
+        if self.dispatcher.sticky_cookie and ex.cookie is not None:
+            ex.sticky = _cookie_value(ex.cookie, self.dispatcher.sticky_cookie)
+        ex.hold_deadline = ex.started + dispatcher.hold_timeout
+        dispatcher.dispatch(ex)
 
     def attach(self, ex: Exchange, up: UpstreamConnection, reused: bool) -> None:
         """Send the exchange's request on this backend connection."""
@@ -450,7 +450,7 @@ class ClientConnection:
         up.got_bytes = False
         up.interim = False
         up.carried_upgrade = ex.upgrade is not None
-        up.deadline = self.proxy.now + self.proxy.response_timeout
+        up.deadline = self.dispatcher.now + self.dispatcher.response_timeout
         transport = up.transport
         assert transport is not None
         if ex.buffered:
@@ -496,20 +496,20 @@ class ClientConnection:
             error_response(status, message, close=close, head_only=ex.head_request, extra=extra)
         )
         if status >= 500:
-            self.proxy.count(ex.service).errors += 1
+            self.dispatcher.count(ex.service).errors += 1
         self.finish(ex, close=close)
 
     def finish(self, ex: Exchange, close: bool = False) -> None:
         """The response is complete: log it, then close or move on to the next request."""
         if self.wbuf:
             self.flush()
-        proxy = self.proxy
+        dispatcher = self.dispatcher
         ex.move(_DONE)
-        proxy.release(ex)
-        if proxy.metrics and ex.service:
-            proxy.record(ex)
+        dispatcher.release(ex)
+        if dispatcher.metrics and ex.service:
+            dispatcher.record(ex)
         ex.upstream = None
-        if proxy.access_log:
+        if dispatcher.access_log:
             ep = ex.endpoint
             access_logger.info(
                 '%s "%s %s HTTP/%s" %d %s %s %.1fms',
@@ -520,7 +520,7 @@ class ClientConnection:
                 ex.status,
                 ex.service or "-",
                 f"{ep.address}:{ep.port}" if ep is not None else "-",
-                (proxy.loop.time() - ex.started) * 1000,
+                (dispatcher.loop.time() - ex.started) * 1000,
             )
         if self.queue and self.queue[0] is ex:
             self.queue.popleft()
@@ -544,10 +544,10 @@ class ClientConnection:
             if nxt.head_done:
                 self._start_ready()
             else:
-                self.deadline = proxy.now + proxy.header_timeout
+                self.deadline = dispatcher.now + dispatcher.header_timeout
                 self.deadline_kind = DEADLINE_HEAD
         else:
-            self.deadline = proxy.now + proxy.idle_timeout
+            self.deadline = dispatcher.now + dispatcher.idle_timeout
             self.deadline_kind = DEADLINE_IDLE
 
     def response_head(
@@ -612,9 +612,9 @@ class ClientConnection:
                 up.until_close = True
         if not ex.body_done:
             keep = False
-        cookie = self.proxy.sticky_cookie
+        cookie = self.dispatcher.sticky_cookie
         if cookie and ex.endpoint is not None:
-            token = self.proxy.token(ex.endpoint)  # cached per endpoint, as dispatch uses it
+            token = self.dispatcher.token(ex.endpoint)  # cached per endpoint, as dispatch uses it
             if token != ex.sticky:
                 out.append(
                     b"Set-Cookie: %b=%b; Path=/; HttpOnly\r\n" % (cookie.encode(), token.encode())
@@ -641,7 +641,7 @@ class ClientConnection:
             ex.client_saw = True
             self.wbuf.append(b"".join(out))
         if status >= 500 and ex.endpoint is not None:
-            self.proxy.report(ex.endpoint, False, f"HTTP {status}")
+            self.dispatcher.report(ex.endpoint, False, f"HTTP {status}")
         if ex.head_request:
             up.renew_parser = True
             self.response_done(ex, up)
@@ -706,10 +706,10 @@ class ClientConnection:
             and up.parser.should_keep_alive()
         )
         if ep is not None and ex.status < 500:
-            self.proxy.report(ep, True, "ok")
+            self.dispatcher.report(ep, True, "ok")
         self.flush()  # before the pool: a write that pauses the backend must not follow it there
         if reusable and ep is not None:
-            self.proxy.pool_put(up)
+            self.dispatcher.pool_put(up)
         elif up.transport is not None:
             up.transport.close()
         self.finish(ex, close=ex.out_mode == OUT_UNTIL_CLOSE)
@@ -717,7 +717,7 @@ class ClientConnection:
     def upstream_lost(self, ex: Exchange, up: UpstreamConnection, exc: Exception | None) -> None:
         """The backend connection closed while this exchange used it."""
         ep = ex.endpoint
-        proxy = self.proxy
+        dispatcher = self.dispatcher
         phase = ex.phase
         if phase is Phase.TUNNEL:
             if self.transport is not None:
@@ -730,7 +730,7 @@ class ClientConnection:
             if close_delimited and exc is None and not self._endpoint_gone(ep):
                 # An empty close-delimited body, or a backend killed a moment ago whose
                 # kill/die event is still on its way: let the registry settle first.
-                proxy.loop.call_later(SETTLE_EMPTY, self._settle_empty, ex, up, exc)
+                dispatcher.loop.call_later(SETTLE_EMPTY, self._settle_empty, ex, up, exc)
                 return
         elif phase is Phase.STREAMING:
             if exc is None and close_delimited and ex.status >= 200:
@@ -741,7 +741,7 @@ class ClientConnection:
             why = f"backend connection lost mid-response ({exc or 'EOF'})"
             logger.info("service %s: response cut short: %s", ex.service, why)
             self._report_failure(ex, why)
-            proxy.count(ex.service).errors += 1
+            dispatcher.count(ex.service).errors += 1
             self.wbuf.clear()
             if self.transport is not None:
                 self.transport.abort()
@@ -754,15 +754,15 @@ class ClientConnection:
     def attempt_failed(self, ex: Exchange, up: UpstreamConnection | None, why: str) -> None:
         """An attempt failed before the client saw any of its response: retry it as
         retry.decide says, or answer 502."""
-        proxy = self.proxy
+        dispatcher = self.dispatcher
         ep = ex.endpoint
         ex.pending_head = None
         ex.status = 0
         ex.out_mode = OUT_RAW
         ex.upstream = None
-        proxy.release(ex)
+        dispatcher.release(ex)
         service = ex.service
-        budget = proxy.budget(service)
+        budget = dispatcher.budget(service)
         attempt = Attempt(
             phase=ex.phase,
             idempotent=ex.method in IDEMPOTENT,
@@ -773,24 +773,24 @@ class ClientConnection:
             sends=ex.sends,
             race_retried=ex.race_retried,
         )
-        verdict = decide(attempt, proxy.retries, budget.allows(proxy.now))
+        verdict = decide(attempt, dispatcher.retries, budget.allows(dispatcher.now))
         if verdict is Verdict.RETRY_FRESH:
             # The keep-alive race: the backend closed an idle connection as we reused it.
             ex.race_retried = True
             ex.fresh_only = True
             ex.move(Phase.ROUTING)
-            proxy.count(service).retries += 1
+            dispatcher.count(service).retries += 1
             logger.debug("retrying %s on a fresh connection: %s", service, why)
-            proxy.dispatch(ex)
+            dispatcher.dispatch(ex)
             return
         self._report_failure(ex, why)
         if verdict is Verdict.RETRY and ep is not None:
-            budget.spend(proxy.now)
+            budget.spend(dispatcher.now)
             ex.sent_to.add(target_of(ep))
             ex.move(Phase.ROUTING)
-            proxy.count(service).retries += 1
+            dispatcher.count(service).retries += 1
             logger.debug("retrying %s %s elsewhere: %s", ex.method, service, why)
-            proxy.dispatch(ex)
+            dispatcher.dispatch(ex)
             return
         self.respond(ex, 502, f"bad gateway: {why}")
 
@@ -799,10 +799,10 @@ class ClientConnection:
         more likely bad itself than every endpoint it reached."""
         if not ex.reported and ex.endpoint is not None:
             ex.reported = True
-            self.proxy.report(ex.endpoint, False, why)
+            self.dispatcher.report(ex.endpoint, False, why)
 
     def _settle_empty(self, ex: Exchange, up: UpstreamConnection, exc: Exception | None) -> None:
-        self.proxy.now = self.proxy.loop.time()
+        self.dispatcher.now = self.dispatcher.loop.time()
         if ex.phase is _DONE:
             return
         if self._endpoint_gone(ex.endpoint):
@@ -816,7 +816,7 @@ class ClientConnection:
         """The endpoint is no longer routed as it was (draining, removed, moved, restarted)."""
         if ep is None:
             return True
-        current = self.proxy.registry.snapshot.endpoints.get(ep.id)
+        current = self.dispatcher.registry.snapshot.endpoints.get(ep.id)
         return (
             current is None
             or current.state is not State.READY
@@ -839,7 +839,7 @@ class ClientConnection:
         if self.closing or self.transport is None:
             return
         self.closing = True
-        self.proxy.count(None).bad_requests += 1
+        self.dispatcher.count(None).bad_requests += 1
         logger.debug("client %s: %d %s", self.peer.decode(), status, message)
         active = self.queue[0] if self.queue else None
         if active is not None and active.phase is not _READING and active is not self.reading:
@@ -853,7 +853,7 @@ class ClientConnection:
     def internal_error(self, ex: Exchange | None, exc: BaseException | None) -> None:
         """A bug of ours surfaced while serving this connection: log it with its traceback,
         count it, and close (with a 500 when the client saw nothing of the response)."""
-        self.proxy.internal_errors += 1
+        self.dispatcher.internal_errors += 1
         logger.error("internal error serving client %s: %r", self.peer.decode(), exc, exc_info=exc)
         transport = self.transport
         if self.closing or transport is None:
@@ -867,9 +867,9 @@ class ClientConnection:
             transport.abort()
 
     def _abandon(self, ex: Exchange) -> None:
-        proxy = self.proxy
+        dispatcher = self.dispatcher
         if ex.phase is Phase.HELD:  # unhold cancels its timer (only a held exchange has one)
-            proxy.unhold(ex)
+            dispatcher.unhold(ex)
         tunnel = ex.phase is Phase.TUNNEL
         if ex.phase is not _DONE:
             ex.move(_DONE)
@@ -882,7 +882,7 @@ class ClientConnection:
                     up.transport.close()
                 else:
                     up.transport.abort()
-        proxy.release(ex)
+        dispatcher.release(ex)
 
     def due(self, now: float) -> bool:
         """A deadline of this connection passed by ``now``."""
@@ -891,7 +891,7 @@ class ClientConnection:
     def timed_out(self, now: float) -> None:
         if self.write_paused and self.send_deadline and self.send_deadline <= now:
             # The client stopped reading what we send: let its backend connection go.
-            self.proxy.count(self.queue[0].service if self.queue else None).slow_clients += 1
+            self.dispatcher.count(self.queue[0].service if self.queue else None).slow_clients += 1
             logger.debug("client %s: not reading; closed", self.peer.decode())
             self.closing = True
             if self.transport is not None:

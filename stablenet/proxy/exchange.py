@@ -57,7 +57,7 @@ _ALLOWED: Final[tuple[int, ...]] = tuple(
 )
 
 
-class IllegalMove(RuntimeError):
+class IllegalMove(Exception):
     """A bug in the proxy: a phase change the table does not allow."""
 
 

@@ -14,7 +14,7 @@ from stablenet.model import Endpoint
 from stablenet.proxy.balance import Target, retry_backoff, target_of
 
 if TYPE_CHECKING:
-    from stablenet.proxy.server import Proxy
+    from stablenet.proxy.dispatch import Dispatcher
 
 logger = logging.getLogger(__name__)
 
@@ -70,33 +70,33 @@ class _Pipe(asyncio.Protocol):
 
 
 class TcpClient(_Pipe):
-    def __init__(self, proxy: Proxy, service: str) -> None:
+    def __init__(self, dispatcher: Dispatcher, service: str) -> None:
         super().__init__()
-        self.proxy = proxy
+        self.dispatcher = dispatcher
         self.service = service
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         cast(asyncio.Transport, transport).pause_reading()  # until joined to an endpoint
-        self.proxy.tcp_clients.add(self)
-        self.proxy.count(self.service).requests += 1
-        self.proxy.spawn(self._join(), name=f"tcp-join-{self.service}")
+        self.dispatcher.tcp_clients.add(self)
+        self.dispatcher.count(self.service).requests += 1
+        self.dispatcher.spawn(self._join(), name=f"tcp-join-{self.service}")
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.proxy.tcp_clients.discard(self)
+        self.dispatcher.tcp_clients.discard(self)
         super().connection_lost(exc)
 
     async def _join(self) -> None:
-        proxy = self.proxy
-        loop = proxy.loop
-        deadline = loop.time() + proxy.hold_timeout
+        dispatcher = self.dispatcher
+        loop = dispatcher.loop
+        deadline = loop.time() + dispatcher.hold_timeout
         tried: set[Target] = set()
         held = False
         backoff = 0.0
         while self.transport is not None:
-            snap = proxy.registry.snapshot
+            snap = dispatcher.registry.snapshot
             ready = snap.ready.get(self.service, ())
-            ep = proxy.balancer.pick(self.service, ready, tried)
+            ep = dispatcher.balancer.pick(self.service, ready, tried)
             if ep is None and ready and loop.time() < deadline:
                 # Every ready endpoint refused (a replica back but not listening yet):
                 # try them again shortly, within the hold timeout.
@@ -107,17 +107,17 @@ class TcpClient(_Pipe):
             if ep is None:
                 if not held:
                     held = True
-                    proxy.count(self.service).holds += 1
+                    dispatcher.count(self.service).holds += 1
                 try:
                     async with asyncio.timeout_at(deadline):
-                        await proxy.registry.until(
+                        await dispatcher.registry.until(
                             lambda s: any(
                                 target_of(e) not in tried for e in s.ready.get(self.service, ())
                             )
                         )
                 except TimeoutError:
                     logger.debug("tcp %s: no ready endpoint within hold_timeout", self.service)
-                    proxy.count(self.service).errors += 1
+                    dispatcher.count(self.service).errors += 1
                     if self.transport is not None:
                         self.transport.close()
                     return
@@ -125,27 +125,27 @@ class TcpClient(_Pipe):
             if await self._connect(ep):
                 return
             tried.add(target_of(ep))
-            proxy.count(self.service).retries += 1
+            dispatcher.count(self.service).retries += 1
 
     async def _connect(self, ep: Endpoint) -> bool:
-        proxy = self.proxy
+        dispatcher = self.dispatcher
         upstream = _Pipe()
-        proxy.balancer.begin(ep)
+        dispatcher.balancer.begin(ep)
         try:
-            async with asyncio.timeout(proxy.connect_timeout):
-                await proxy.loop.create_connection(lambda: upstream, ep.address, ep.port or 0)
+            async with asyncio.timeout(dispatcher.connect_timeout):
+                await dispatcher.loop.create_connection(lambda: upstream, ep.address, ep.port or 0)
         except (OSError, TimeoutError) as exc:
-            proxy.balancer.end(ep)
-            proxy.report(ep, False, f"connect failed: {exc}")
+            dispatcher.balancer.end(ep)
+            dispatcher.report(ep, False, f"connect failed: {exc}")
             return False
         if self.transport is None or upstream.transport is None:
-            proxy.balancer.end(ep)
+            dispatcher.balancer.end(ep)
             if upstream.transport is not None:
                 upstream.transport.close()
             return True
-        proxy.report(ep, True, "connected")
+        dispatcher.report(ep, True, "connected")
         upstream.peer, self.peer = self, upstream
-        upstream.on_lost.append(lambda: proxy.balancer.end(ep))
+        upstream.on_lost.append(lambda: dispatcher.balancer.end(ep))
         if self.early:
             upstream.transport.write(b"".join(self.early))
             self.early.clear()

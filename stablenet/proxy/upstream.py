@@ -14,14 +14,14 @@ from stablenet.proxy.exchange import Exchange, Phase
 
 if TYPE_CHECKING:
     from stablenet.proxy.client import ClientConnection
-    from stablenet.proxy.server import Proxy
+    from stablenet.proxy.dispatch import Dispatcher
 
 
 class UpstreamConnection:
     """One connection to one backend endpoint; pooled between requests."""
 
     __slots__ = (
-        "proxy",
+        "dispatcher",
         "key",
         "transport",
         "parser",
@@ -40,8 +40,8 @@ class UpstreamConnection:
         "carried_upgrade",
     )
 
-    def __init__(self, proxy: Proxy, key: tuple[str, str, int]) -> None:
-        self.proxy = proxy
+    def __init__(self, dispatcher: Dispatcher, key: tuple[str, str, int]) -> None:
+        self.dispatcher = dispatcher
         self.key = key
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
@@ -61,7 +61,7 @@ class UpstreamConnection:
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.proxy.upstreams.add(self)
+        self.dispatcher.upstreams.add(self)
 
     def set_reading(self, reading: bool) -> None:
         transport = self.transport
@@ -86,9 +86,9 @@ class UpstreamConnection:
                 self.transport.close()
             return
         self.got_bytes = True
-        proxy = self.proxy
-        proxy.now = proxy.loop.time()
-        self.deadline = proxy.now + proxy.response_timeout
+        dispatcher = self.dispatcher
+        dispatcher.now = dispatcher.loop.time()
+        self.deadline = dispatcher.now + dispatcher.response_timeout
         conn = ex.conn
         try:
             self.parser.feed_data(data)
@@ -128,10 +128,10 @@ class UpstreamConnection:
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        proxy = self.proxy
-        proxy.now = proxy.loop.time()
-        proxy.upstreams.discard(self)
-        proxy.pool_discard(self)
+        dispatcher = self.dispatcher
+        dispatcher.now = dispatcher.loop.time()
+        dispatcher.upstreams.discard(self)
+        dispatcher.pool_discard(self)
         tunnel = self.tunnel_to
         ex = self.exchange
         self.exchange = None
@@ -204,7 +204,7 @@ class UpstreamConnection:
         if ex.conn.write_paused:
             # Our own flow control stopped reading (a slow client), not the backend: the
             # client's send timeout decides, not this one.
-            self.deadline = now + self.proxy.send_timeout
+            self.deadline = now + self.dispatcher.send_timeout
             return
         self.exchange = None
         if transport is not None:
