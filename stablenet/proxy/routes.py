@@ -1,11 +1,13 @@
 """Host routing: which service a request's Host names. Pure: built from a registry Snapshot,
-the DNS zone and the previous table, with time as a parameter. A host whose service has
-momentarily no endpoint at all (its only container is restarting) is remembered for a while,
-so its requests are held instead of answered 404."""
+the DNS zone and the previous table, with time as a parameter. A name is exact
+(``shop.example.com``) or a wildcard (``*.example.com``: one or more leading labels); the most
+specific name that covers a host wins. A name whose service has momentarily no endpoint at all
+(its only container is restarting) is remembered for a while, so its requests are held instead
+of answered 404."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -16,19 +18,35 @@ REMEMBER = 600.0  # seconds a host stays routable after its service left the reg
 
 @dataclass(frozen=True, slots=True)
 class Routes:
-    """Host (lower case, no port, no trailing dot) -> service, for one snapshot version."""
+    """Name (lower case, no port, no trailing dot; ``*.suffix`` for a wildcard) -> service, for
+    one snapshot version."""
 
     version: int
     hosts: Mapping[str, str] = field(default_factory=dict)
     gone: Mapping[str, tuple[str, float]] = field(default_factory=dict)  # host -> (service, since)
 
     def service_for(self, host: str) -> str | None:
-        service = self.hosts.get(host)
-        if service is None:
-            remembered = self.gone.get(host)
+        """The service of the most specific name covering ``host``: the exact name, then the
+        wildcard with the longest suffix (``*.b.example.com`` before ``*.example.com``). A
+        remembered name ranks as if it were still there: a restarting service keeps its own
+        host from a wildcard of another."""
+        for name in _names_covering(host):
+            service = self.hosts.get(name)
+            if service is not None:
+                return service
+            remembered = self.gone.get(name)
             if remembered is not None:
                 return remembered[0]
-        return service
+        return None
+
+
+def _names_covering(host: str) -> Iterator[str]:
+    """'a.b.c' -> 'a.b.c', '*.b.c', '*.c': the names that route it, most specific first."""
+    yield host
+    dot = host.find(".", 1)
+    while dot > 0:
+        yield "*" + host[dot:]
+        dot = host.find(".", dot + 1)
 
 
 def normalize_host(raw: str) -> str:
@@ -45,9 +63,9 @@ def normalize_host(raw: str) -> str:
 def build_routes(
     snap: Snapshot, zone: str, previous: Routes | None, now: float, remember: float = REMEMBER
 ) -> Routes:
-    """``<service>.<zone>`` for every service, plus every name in an endpoint's
-    ``stablenet.http.host`` label. The zone name of a service wins over another service's label;
-    between labels, the first service by name wins."""
+    """``<service>.<zone>`` for every service, plus every name (exact or wildcard) in an
+    endpoint's ``stablenet.http.host`` label. The zone name of a service wins over another
+    service's label; between labels naming the same name, the first service by name wins."""
     hosts: dict[str, str] = {}
     suffix = "." + zone.strip(".").lower()
     for service in snap.services:
