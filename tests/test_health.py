@@ -4,6 +4,7 @@ restored with `docker exec`, Docker HEALTHCHECK, passive ejection, panic mode.""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 
@@ -13,7 +14,7 @@ from stablenet.config import HealthConfig
 from stablenet.health.checker import HealthChecker
 from stablenet.health.probe import _judge, probe
 from stablenet.health.state import Refusal
-from stablenet.model import Endpoint, HealthSpec, State, Upsert
+from stablenet.model import Endpoint, HealthSpec, Remove, State, Upsert
 from stablenet.registry import Registry, Snapshot
 from tests.helpers import Containers, off_loop, until
 
@@ -193,6 +194,32 @@ async def test_a_request_that_fails_everywhere_ejects_no_more_than_the_cap(
     checker.request_outcome([(c, True, "ok")])
     status = checker.status(c.id)
     assert status is not None and (status.request_failures, status.held_back) == (0, None)
+
+
+async def test_ejected_endpoint_is_probed_at_once_when_its_service_empties() -> None:
+    """A replica ejected on request failures alone waits out its backoff while others serve;
+    when the others leave, it is probed at once (a real TCP probe) and routed if it answers."""
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    registry = Registry()
+    lone = Endpoint(
+        id="1" * 64, name="e-1", service="e", address="127.0.0.1", port=port, network="n"
+    )
+    other = dataclasses.replace(lone, id="2" * 64, name="e-2", address="127.0.0.2")  # fmt: skip
+    registry.apply([Upsert(lone), Upsert(other)])
+    checker = HealthChecker(registry, HealthConfig(eject_after=2, eject_time=60.0))
+    try:
+        async with asyncio.TaskGroup() as group:
+            task = group.create_task(checker.run())
+            for _ in range(2):
+                checker.request_outcome([(lone, False, "HTTP 502")])
+            assert [e.name for e in registry.snapshot.ready["e"]] == ["e-2"]
+            registry.apply([Remove(other.id)])
+            snap = await until(registry, lambda s: bool(s.ready.get("e")), 5)
+            assert "back after ejection" in snap.by_name["e-1"].reason
+            task.cancel()
+    finally:
+        server.close()
 
 
 async def test_panic_mode_routes_to_all_when_none_is_ready(

@@ -225,3 +225,17 @@ def test_active_checks_still_take_down_the_last_ready_endpoint() -> None:
     h.check_result(False, "HTTP 503 (expected 200-399)", now=2)
     assert h.check_result(False, "HTTP 503 (expected 200-399)", now=3)
     assert h.health is Health.DOWN
+
+
+def test_recall_ends_the_wait_of_an_ejection_made_on_failures_alone() -> None:
+    h = up(eject_after=1, eject_time=5.0)
+    assert not h.recall(now=0.5)  # routed: nothing to recall
+    h.request_failed("HTTP 502", now=1, peers=ALONE_OK)
+    assert h.ejected_until == 6.0
+    assert h.recall(now=2) and h.ejected_until == 2 and h.next_check(1.0, now=2) == 2
+    assert not h.recall(now=2.1)  # once per ejection
+    # The probe fails: now the ejection is confirmed and waits out its (longer) backoff.
+    h.check_result(False, "connection refused", now=2.2)
+    assert h.health is Health.EJECTED and h.ejected_until == 2.2 + 10.0
+    assert not h.recall(now=3)
+    assert h.check_result(True, "TCP connect ok", now=12.2)

@@ -110,6 +110,30 @@ class HealthChecker:
             if target is None or target.spec is None or ep.id in self._tasks:
                 continue
             self._start(target)
+        self._recall(snap)
+
+    def _recall(self, snap: Snapshot) -> None:
+        """Probe at once the endpoints ejected on request failures alone of a service that has
+        no ready endpoint left (the others were removed or went down after the ejection)."""
+        for service, ready in snap.ready.items():
+            if ready:
+                continue
+            for ep in snap.services[service]:
+                entry = self._states.get(ep.id)
+                if entry is None or not entry[1].recall(self._now()):
+                    continue
+                target = entry[0]
+                logger.info(
+                    "endpoint %s at %s:%d: service %s has no ready endpoint left; probing it now",
+                    target.id[:12],
+                    target.address,
+                    target.port,
+                    service,
+                )
+                running = self._tasks.pop(ep.id, None)
+                if running is not None:
+                    running[1].cancel()  # it sleeps until the old deadline
+                self._start(target)
 
     def _start(self, target: Target) -> None:
         if self._group is None:

@@ -17,6 +17,8 @@ Transitions (one table, one place):
                                                        max_ejection_percent are out already
     EJECTED --deadline passed, probe passes-> UP
     EJECTED --deadline passed, probe fails--> EJECTED again, longer
+    EJECTED --its service has no ready------> deadline now: probed at once (recall(); only an
+              endpoint left                   ejection that no failed probe has confirmed)
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ class EndpointHealth:
     last_ejected: float = float("-inf")
     reason: str = "not checked yet"
     held_back: Refusal | None = None  # why it was not ejected when its failures said so
+    unconfirmed: bool = False  # ejected on request failures alone; no probe has failed since
     first_check: float | None = None
 
     @property
@@ -131,7 +134,7 @@ class EndpointHealth:
                 self.request_failures = 0
                 self._move(Health.UP, f"{reason} (back after ejection)")
             case Health.EJECTED, False if now >= self.ejected_until:
-                self._eject(now, f"still failing after ejection: {reason}")
+                self._eject(now, f"still failing after ejection: {reason}", unconfirmed=False)
             case _:
                 if self.health is not Health.EJECTED:
                     self.reason = reason
@@ -155,10 +158,21 @@ class EndpointHealth:
             self.held_back = refusal
             return False
         was = self.routed
-        self._eject(now, f"ejected after {self.request_failures} failed requests: {reason}")
+        why = f"ejected after {self.request_failures} failed requests: {reason}"
+        self._eject(now, why, unconfirmed=True)
         return was is not self.routed
 
-    def _eject(self, now: float, reason: str) -> None:
+    def recall(self, now: float) -> bool:
+        """Its service has no ready endpoint left: an ejection that rests on request failures
+        alone ends its wait, so the probe (an active check) decides at once whether it is back.
+        True when the probe was brought forward."""
+        if self.health is not Health.EJECTED or not self.unconfirmed or self.ejected_until <= now:
+            return False
+        self.ejected_until = now
+        self.unconfirmed = False
+        return True
+
+    def _eject(self, now: float, reason: str, unconfirmed: bool) -> None:
         if now - self.last_ejected > self.limits.eject_max * 2:
             self.ejections = 0  # it behaved for a long while: start the backoff over
         backoff = min(self.limits.eject_time * 2**self.ejections, self.limits.eject_max)
@@ -167,6 +181,7 @@ class EndpointHealth:
         self.ejected_until = now + backoff
         self.request_failures = 0
         self.held_back = None
+        self.unconfirmed = unconfirmed
         self._move(Health.EJECTED, f"{reason}; probing again in {backoff:g}s")
 
     def next_check(self, interval: float, now: float) -> float:
