@@ -14,6 +14,7 @@ from stablenet.config import HealthConfig
 from stablenet.health.checker import HealthChecker
 from stablenet.health.probe import _judge, probe
 from stablenet.health.state import Refusal
+from stablenet.metrics import Collector
 from stablenet.model import Endpoint, HealthSpec, Remove, State, Upsert
 from stablenet.registry import Registry, Snapshot
 from tests.helpers import Containers, off_loop, until
@@ -190,6 +191,12 @@ async def test_a_request_that_fails_everywhere_ejects_no_more_than_the_cap(
         for ep in (b, c)
     ]
     assert checker.refused == {Refusal.MAX_PERCENT: 2}
+    (family,) = [
+        m for m in Collector(registry, health=checker).collect()
+        if m.name == "stablenet_health_ejections_refused"
+    ]  # fmt: skip
+    counted = {s.labels["reason"]: s.value for s in family.samples if s.name.endswith("_total")}
+    assert counted == {"last_ready": 0, "max_ejection_percent": 2}
     # A success ends the run: c must fail eject_after times again before anything is said.
     checker.request_outcome([(c, True, "ok")])
     status = checker.status(c.id)
