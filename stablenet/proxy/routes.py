@@ -7,7 +7,7 @@ of answered 404."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -25,28 +25,32 @@ class Routes:
     hosts: Mapping[str, str] = field(default_factory=dict)
     gone: Mapping[str, tuple[str, float]] = field(default_factory=dict)  # host -> (service, since)
 
+    wildcards: bool = False  # some name in hosts or gone is a wildcard
+
     def service_for(self, host: str) -> str | None:
         """The service of the most specific name covering ``host``: the exact name, then the
-        wildcard with the longest suffix (``*.b.example.com`` before ``*.example.com``). A
-        remembered name ranks as if it were still there: a restarting service keeps its own
-        host from a wildcard of another."""
-        for name in _names_covering(host):
-            service = self.hosts.get(name)
+        wildcard with the longest suffix (``*.b.example.com`` before ``*.example.com``, and
+        ``*.example.com`` covers ``a.example.com`` and ``a.b.example.com``, not
+        ``example.com``). A remembered name ranks as if it were still there: a restarting
+        service keeps its own host from a wildcard of another."""
+        service = self._named(host)
+        if service is not None or not self.wildcards:
+            return service
+        dot = host.find(".", 1)
+        while dot > 0:
+            service = self._named("*" + host[dot:])
             if service is not None:
                 return service
+            dot = host.find(".", dot + 1)
+        return None
+
+    def _named(self, name: str) -> str | None:
+        service = self.hosts.get(name)
+        if service is None:
             remembered = self.gone.get(name)
             if remembered is not None:
                 return remembered[0]
-        return None
-
-
-def _names_covering(host: str) -> Iterator[str]:
-    """'a.b.c' -> 'a.b.c', '*.b.c', '*.c': the names that route it, most specific first."""
-    yield host
-    dot = host.find(".", 1)
-    while dot > 0:
-        yield "*" + host[dot:]
-        dot = host.find(".", dot + 1)
+        return service
 
 
 def normalize_host(raw: str) -> str:
@@ -82,4 +86,5 @@ def build_routes(
         for host, (service, since) in previous.gone.items():
             if host not in hosts and host not in gone and now - since < remember:
                 gone[host] = (service, since)
-    return Routes(snap.version, MappingProxyType(hosts), MappingProxyType(gone))
+    wildcards = any(name.startswith("*.") for name in (*hosts, *gone))
+    return Routes(snap.version, MappingProxyType(hosts), MappingProxyType(gone), wildcards)
