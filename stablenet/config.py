@@ -54,16 +54,20 @@ def _bool(value: Any) -> bool:
     raise ValueError("expected true or false")
 
 
-def _int_at_least(minimum: int) -> Parser:
+def _int_at_least(minimum: int, maximum: int | None = None) -> Parser:
+    expected = f"expected a whole number >= {minimum}"
+    if maximum is not None:
+        expected = f"expected a whole number from {minimum} to {maximum}"
+
     def parse(value: Any) -> int:
         if isinstance(value, bool):
-            raise ValueError(f"expected a whole number >= {minimum}")
+            raise ValueError(expected)
         try:
             number = int(value)
         except (TypeError, ValueError):
-            raise ValueError(f"expected a whole number >= {minimum}") from None
-        if number < minimum:
-            raise ValueError(f"expected a whole number >= {minimum}")
+            raise ValueError(expected) from None
+        if number < minimum or (maximum is not None and number > maximum):
+            raise ValueError(expected)
         return number
 
     return parse
@@ -226,6 +230,7 @@ class HealthConfig:
     eject_after: int = _opt(5, _int_at_least(0))
     eject_time: float = _opt(5.0, _positive_duration)
     eject_max: float = _opt(300.0, _positive_duration)
+    max_ejection_percent: int = _opt(50, _int_at_least(1, 100))
     panic: bool = _opt(False, _bool)
 
 

@@ -18,6 +18,7 @@ from stablenet.dns import DnsServer
 from stablenet.dns.stats import DnsStats
 from stablenet.docker.source import DockerSource, SourceStats
 from stablenet.health.checker import HealthChecker
+from stablenet.health.state import Refusal
 from stablenet.histogram import Histogram
 from stablenet.model import State
 from stablenet.proxy import Proxy
@@ -112,6 +113,15 @@ class Collector:
             "Health state transitions (up, down, ejected).",
             value=health.transitions,
         )
+        refused = CounterMetricFamily(
+            "stablenet_health_ejections_refused",
+            "Passive ejections not made (once per run of failures), by reason: the last ready"
+            " endpoint of its service, or health.max_ejection_percent reached.",
+            labels=["reason"],
+        )
+        for refusal in Refusal:
+            refused.add_metric([refusal.value], health.refused[refusal])
+        yield refused
 
     def _dns_metrics(self, stats: DnsStats) -> Iterable[Metric]:
         for name, doc, label, counts in (

@@ -36,12 +36,14 @@ def test_environment_overrides_file() -> None:
             "STABLENET_PROXY_HOLD_TIMEOUT": "500ms",
             "STABLENET_DOCKER_EXPOSED_BY_DEFAULT": "false",
             "STABLENET_DNS_UPSTREAMS": "10.0.0.2,10.0.0.3:5300",
+            "STABLENET_HEALTH_MAX_EJECTION_PERCENT": "25",
         },
     )
     assert cfg.dns.listen == ("127.0.0.1:5353", "[::1]:5353")
     assert cfg.proxy.hold_timeout == 0.5
     assert cfg.docker.exposed_by_default is False
     assert cfg.dns.upstreams == ("10.0.0.2", "10.0.0.3:5300")
+    assert cfg.health.max_ejection_percent == 25
 
 
 @pytest.mark.parametrize(
@@ -86,6 +88,12 @@ def test_environment_overrides_file() -> None:
             "admin.listen: '0.0.0.0:9180' is not a loopback address and admin.token is empty",
         ),
         ("[health]\nrise = 0\n", {}, "health.rise: 0 is not valid: expected a whole number >= 1"),
+        (
+            "",
+            {"STABLENET_HEALTH_MAX_EJECTION_PERCENT": "150"},
+            "STABLENET_HEALTH_MAX_EJECTION_PERCENT (health.max_ejection_percent): '150' is not"
+            " valid: expected a whole number from 1 to 100",
+        ),
         ("[dns\n", {}, "<config>: not valid TOML"),
         (
             '[docker]\nresync_interval = "0s"\n',

@@ -4,6 +4,8 @@ restored with `docker exec`, Docker HEALTHCHECK, passive ejection, panic mode.""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 from collections.abc import AsyncIterator
 
 import pytest
@@ -11,7 +13,9 @@ import pytest
 from stablenet.config import HealthConfig
 from stablenet.health.checker import HealthChecker
 from stablenet.health.probe import _judge, probe
-from stablenet.model import HealthSpec, State
+from stablenet.health.state import Refusal
+from stablenet.metrics import Collector
+from stablenet.model import Endpoint, HealthSpec, Remove, State, Upsert
 from stablenet.registry import Registry, Snapshot
 from tests.helpers import Containers, off_loop, until
 
@@ -117,26 +121,112 @@ async def test_docker_healthcheck_goes_through_starting(
 
 
 async def test_passive_ejection_then_probe_brings_it_back(
-    registry: Registry, checker: HealthChecker, containers: Containers
+    registry: Registry,
+    checker: HealthChecker,
+    containers: Containers,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # No active check: routed at once, guarded by passive detection. Nothing listens yet.
-    box = await off_loop(
-        containers.run, "pass", labels={"stablenet.port": "80"}, command=["sleep", "3600"]
-    )
-    name = containers.name("pass")
-    snap = await until(registry, lambda s: state(s, name) is State.READY, WAIT)
+    # No active check: routed at once, guarded by passive detection. Nothing listens in the
+    # mute one yet; its replica serves.
+    labels = {"stablenet.port": "80", "stablenet.service": containers.name("pass")}
+    box = await off_loop(containers.run, "mute", labels=labels, command=["sleep", "3600"])
+    await off_loop(containers.run, "good", labels=labels)
+    name, good = containers.name("mute"), containers.name("good")
+    snap = await until(registry, lambda s: state(s, name) is state(s, good) is State.READY, WAIT)
     ep = snap.by_name[name]
     for _ in range(3):  # what the proxy reports after three refused connections
         checker.report(ep.id, ep.address, ok=False, reason="connection refused")
     snap = registry.snapshot
     assert state(snap, name) is State.UNHEALTHY  # ejected at once, no check interval involved
     assert snap.by_name[name].reason.startswith("ejected after 3 failed requests")
+    # Failures alone never take out the last ready endpoint: said once, counted once.
+    caplog.set_level(logging.INFO, logger="stablenet.health.checker")
+    last = snap.by_name[good]
+    for _ in range(5):
+        checker.report(last.id, last.address, ok=False, reason="HTTP 503")
+    assert state(registry.snapshot, good) is State.READY
+    said = [r.getMessage() for r in caplog.records if "not ejected" in r.getMessage()]
+    assert said == [
+        f"endpoint {last.id[:12]} at {last.address}:80: not ejected after 3 failed requests:"
+        f" it is the last ready endpoint of service {containers.name('pass')}"
+    ]
+    assert checker.refused == {Refusal.LAST_READY: 1}
     # Probes after the ejection find nothing listening until httpd starts; then it is back.
     await off_loop(box.exec_run, ["httpd", "-p", "80", "-h", "/www"], detach=True)
     snap = await until(registry, lambda s: state(s, name) is State.READY, WAIT)
     assert "back after ejection" in snap.by_name[name].reason
     status = checker.status(ep.id)
     assert status is not None and status.ejections >= 1
+
+
+async def test_a_request_that_fails_everywhere_ejects_no_more_than_the_cap(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A "query of death" reported once per request through the checker into a registry:
+    three replicas, each request fails on all of them (retried on one twice)."""
+    registry = Registry()
+    replicas = [
+        Endpoint(id=str(n) * 64, name=f"qod-{n}", service="qod", address=f"127.0.0.{n + 1}",
+                 port=80, network="n")
+        for n in (1, 2, 3)
+    ]  # fmt: skip
+    registry.apply([Upsert(ep) for ep in replicas])
+    checker = HealthChecker(registry, HealthConfig(eject_after=2, eject_time=60.0))
+    caplog.set_level(logging.INFO, logger="stablenet.health.checker")
+    a, b, c = replicas
+    crash = [(a, False, "connection reset"), (b, False, "HTTP 502"), (c, False, "HTTP 502")]
+
+    checker.request_outcome([*crash, (a, False, "connection reset")])
+    assert len(registry.snapshot.ready["qod"]) == 3  # one failure each, however many attempts
+    for _ in range(3):
+        checker.request_outcome(crash)
+    snap = registry.snapshot
+    assert [e.name for e in snap.ready["qod"]] == ["qod-2", "qod-3"]
+    assert snap.by_name["qod-1"].reason.startswith("ejected after 2 failed requests")
+    said = [r.getMessage() for r in caplog.records if "not ejected" in r.getMessage()]
+    assert said == [
+        f"endpoint {ep.id[:12]} at {ep.address}:80: not ejected after 2 failed requests: 1 of"
+        " the 3 endpoints of service qod are ejected already, the most"
+        " health.max_ejection_percent=50 allows"
+        for ep in (b, c)
+    ]
+    assert checker.refused == {Refusal.MAX_PERCENT: 2}
+    (family,) = [
+        m for m in Collector(registry, health=checker).collect()
+        if m.name == "stablenet_health_ejections_refused"
+    ]  # fmt: skip
+    counted = {s.labels["reason"]: s.value for s in family.samples if s.name.endswith("_total")}
+    assert counted == {"last_ready": 0, "max_ejection_percent": 2}
+    # A success ends the run: c must fail eject_after times again before anything is said.
+    checker.request_outcome([(c, True, "ok")])
+    status = checker.status(c.id)
+    assert status is not None and (status.request_failures, status.held_back) == (0, None)
+
+
+async def test_ejected_endpoint_is_probed_at_once_when_its_service_empties() -> None:
+    """A replica ejected on request failures alone waits out its backoff while others serve;
+    when the others leave, it is probed at once (a real TCP probe) and routed if it answers."""
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    registry = Registry()
+    lone = Endpoint(
+        id="1" * 64, name="e-1", service="e", address="127.0.0.1", port=port, network="n"
+    )
+    other = dataclasses.replace(lone, id="2" * 64, name="e-2", address="127.0.0.2")  # fmt: skip
+    registry.apply([Upsert(lone), Upsert(other)])
+    checker = HealthChecker(registry, HealthConfig(eject_after=2, eject_time=60.0))
+    try:
+        async with asyncio.TaskGroup() as group:
+            task = group.create_task(checker.run())
+            for _ in range(2):
+                checker.request_outcome([(lone, False, "HTTP 502")])
+            assert [e.name for e in registry.snapshot.ready["e"]] == ["e-2"]
+            registry.apply([Remove(other.id)])
+            snap = await until(registry, lambda s: bool(s.ready.get("e")), 5)
+            assert "back after ejection" in snap.by_name["e-1"].reason
+            task.cancel()
+    finally:
+        server.close()
 
 
 async def test_panic_mode_routes_to_all_when_none_is_ready(

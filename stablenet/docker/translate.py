@@ -38,6 +38,7 @@ KNOWN_LABELS = frozenset(
     )
 )
 _SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
+_HOST_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _HOST_NAME = re.compile(r"^(\*\.)?[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
 # Signals after which a container is expected to exit; others (HUP, USR1, ...) are not a stop.
 _STOP_SIGNALS = frozenset(
@@ -129,8 +130,9 @@ def endpoint_from_inspect(inspect: Mapping[str, Any], settings: Settings) -> End
             if h.strip()
         )
         for host in hosts:
-            if not _HOST_NAME.match(host):
-                raise bad(LABEL + "http.host", f"{host!r} is not a host name")
+            problem = _http_host_problem(host)
+            if problem is not None:
+                raise bad(LABEL + "http.host", problem)
 
     listeners: tuple[str, ...] = ()
     if LABEL + "proxy.listen" in labels:
@@ -177,6 +179,19 @@ def endpoint_from_inspect(inspect: Mapping[str, Any], settings: Settings) -> End
         stop_signal=str(config.get("StopSignal") or ""),
         listeners=listeners,
     )
+
+
+def _http_host_problem(host: str) -> str | None:
+    """Why a name of the stablenet.http.host label cannot route, or None. A name is a DNS name,
+    or ``*.`` before one: ``*.example.com`` stands for one or more leading labels."""
+    name = host.removeprefix("*.")
+    if "*" in name:
+        if host == "*":
+            return "'*' alone is not a wildcard; name a suffix, as in *.example.com"
+        return f"{host!r}: '*' may only stand for the leading labels, as in *.example.com"
+    if len(name) > 253 or not all(_HOST_LABEL.match(label) for label in name.split(".")):
+        return f"{host!r} is not a host name"
+    return None
 
 
 def _sanitize(name: str) -> str:

@@ -12,13 +12,14 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from stablenet.config import HealthConfig
 from stablenet.health.probe import ProbeResult, probe
-from stablenet.health.state import EndpointHealth, Health, Thresholds
-from stablenet.model import Endpoint, HealthSpec, SetVerdict, Verdict
+from stablenet.health.state import EndpointHealth, Health, Peers, Refusal, Thresholds
+from stablenet.model import Endpoint, HealthSpec, SetVerdict, State, Verdict
 from stablenet.registry import Registry, Snapshot
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class HealthChecker:
             eject_after=config.eject_after,
             eject_time=config.eject_time,
             eject_max=config.eject_max,
+            max_ejection_percent=config.max_ejection_percent,
         )
         self._probe = probe_fn
         self._states: dict[str, tuple[Target, EndpointHealth]] = {}
@@ -64,6 +66,7 @@ class HealthChecker:
         self._suspect: set[str] = set()  # endpoints with failed requests on record
         self.checks = 0
         self.transitions = 0
+        self.refused: Counter[Refusal] = Counter()  # ejections refused, once per run of failures
 
     def _now(self) -> float:
         return asyncio.get_running_loop().time()
@@ -107,6 +110,30 @@ class HealthChecker:
             if target is None or target.spec is None or ep.id in self._tasks:
                 continue
             self._start(target)
+        self._recall(snap)
+
+    def _recall(self, snap: Snapshot) -> None:
+        """Probe at once the endpoints ejected on request failures alone of a service that has
+        no ready endpoint left (the others were removed or went down after the ejection)."""
+        for service, ready in snap.ready.items():
+            if ready:
+                continue
+            for ep in snap.services[service]:
+                entry = self._states.get(ep.id)
+                if entry is None or not entry[1].recall(self._now()):
+                    continue
+                target = entry[0]
+                logger.info(
+                    "endpoint %s at %s:%d: service %s has no ready endpoint left; probing it now",
+                    target.id[:12],
+                    target.address,
+                    target.port,
+                    service,
+                )
+                running = self._tasks.pop(ep.id, None)
+                if running is not None:
+                    running[1].cancel()  # it sleeps until the old deadline
+                self._start(target)
 
     def _start(self, target: Target) -> None:
         if self._group is None:
@@ -169,6 +196,17 @@ class HealthChecker:
             return
         self.report(endpoint.id, endpoint.address, ok, reason)
 
+    def request_outcome(self, attempts: Iterable[tuple[Endpoint, bool, str]]) -> None:
+        """One proxied request's outcome, reported once when the request ends: every attempt
+        as (endpoint, ok, reason), in order. Each endpoint counts once per request, by its last
+        attempt, however often the request was retried on it: a request that crashes its
+        backend adds one failure to each endpoint it reached, not one per retry."""
+        last: dict[str, tuple[Endpoint, bool, str]] = {}
+        for attempt in attempts:
+            last[attempt[0].id] = attempt
+        for endpoint, ok, reason in last.values():
+            self.outcome(endpoint, ok, reason)
+
     def report(self, endpoint_id: str, address: str, ok: bool, reason: str = "") -> None:
         """A proxied request's outcome (ok, or a connection failure / 5xx). Cheap and
         synchronous: called on the data path, so a success for an endpoint with no failure on
@@ -182,8 +220,14 @@ class HealthChecker:
         if target is None:
             return
         state = self._state(target)
-        before = state.health
-        state.request_result(ok, reason or "request failed", self._now())
+        before, held = state.health, state.held_back
+        if ok:
+            state.request_ok()
+        else:
+            peers = self._peers(ep)
+            state.request_failed(reason or "request failed", self._now(), peers)
+            if state.held_back is not None and state.held_back is not held:
+                self._held_back(ep, state.held_back, state.request_failures, peers)
         if state.request_failures:
             self._suspect.add(endpoint_id)
         else:
@@ -192,6 +236,38 @@ class HealthChecker:
             self._publish(target, state, before)
             if state.health is Health.EJECTED and endpoint_id not in self._tasks:
                 self._start(target)
+
+    def _peers(self, ep: Endpoint) -> Peers:
+        """``ep``'s service as passive ejection weighs it (see ``ejection_refusal``)."""
+        members = [
+            e for e in self._registry.snapshot.services.get(ep.service, ()) if not e.draining
+        ]
+        ejected = 0
+        for member in members:
+            status = self.status(member.id)
+            ejected += status is not None and status.health is Health.EJECTED
+        ready = sum(1 for e in members if e.id != ep.id and e.state is State.READY)
+        return Peers(len(members), ejected, ready)
+
+    def _held_back(self, ep: Endpoint, refusal: Refusal, failures: int, peers: Peers) -> None:
+        """Log and count an ejection that was refused, once per run of failures."""
+        self.refused[refusal] += 1
+        if refusal is Refusal.LAST_READY:
+            why = f"it is the last ready endpoint of service {ep.service}"
+        else:
+            why = (
+                f"{peers.ejected} of the {peers.endpoints} endpoints of service {ep.service} are"
+                f" ejected already, the most health.max_ejection_percent"
+                f"={self._limits.max_ejection_percent} allows"
+            )
+        logger.info(
+            "endpoint %s at %s:%s: not ejected after %d failed requests: %s",
+            ep.id[:12],
+            ep.address,
+            ep.port,
+            failures,
+            why,
+        )
 
     def _publish(self, target: Target, state: EndpointHealth, before: Health) -> None:
         if state.health is before:
