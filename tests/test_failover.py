@@ -20,6 +20,12 @@ from benchmarks.failover import (
 from tests.helpers import Containers
 
 
+async def short_run(**settings: Any) -> dict[str, Any]:
+    """A short run of the benchmark against stablenet: 6 clients, 10% of them POST."""
+    defaults = {"concurrency": 6, "post_share": 0.1, "hold_timeout": 10.0, "max_requests": 200_000}
+    return await run("stablenet", **(defaults | settings))
+
+
 def outcome(rid: str, method: str = "GET", kind: str = "ok", status: int = 200) -> Outcome:
     return Outcome(rid, 0.0, 1.0, method, kind, status)
 
@@ -86,16 +92,8 @@ def test_ejections_counted_from_state_events_with_the_most_out_at_once() -> None
 async def test_no_failed_request_while_replicas_restart(
     replicas: int, containers: Containers
 ) -> None:
-    result = await run(
-        "stablenet",
-        replica_count=replicas,
-        kinds=list(KINDS),
-        restarts=10,
-        concurrency=6,
-        post_share=0.1,
-        hold_timeout=10.0,
-        max_requests=200_000,
-        dns_rounds=3000,
+    result = await short_run(
+        replica_count=replicas, kinds=list(KINDS), restarts=10, dns_rounds=3000
     )
     assert result["restarts"] == {kind: 10 for kind in KINDS}
     assert result["get_requests"] > 1000
@@ -113,15 +111,12 @@ async def test_no_failed_request_while_replicas_restart(
 
 
 async def test_query_of_death_is_counted_at_the_backends(containers: Containers) -> None:
-    result = await run(
-        "stablenet",
+    result = await short_run(
         replica_count=3,
         kinds=[],
         restarts=0,
         concurrency=2,
-        post_share=0.1,
         hold_timeout=2.0,
-        max_requests=200_000,
         dns_rounds=0,
         query_of_death_count=1,
     )
