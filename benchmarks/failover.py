@@ -5,6 +5,7 @@ reference, nginx with the replicas' addresses resolved once at start.
     .venv/bin/python -m benchmarks.failover --replicas 2 --restarts 50
     .venv/bin/python -m benchmarks.failover --replicas 1 --restarts 20 --kinds restart,stop-start
     .venv/bin/python -m benchmarks.failover --target nginx --replicas 2 --restarts 50
+    .venv/bin/python -m benchmarks.failover --restarts 5 --backend keepalive --work-ms 20
     .venv/bin/python -m benchmarks.failover --replicas 3 --restarts 0 --query-of-death 5
 
 Restart kinds, each repeated --restarts times, one replica at a time, waiting until the service
@@ -22,6 +23,13 @@ and the CGI appends `ID METHOD HOSTNAME` to one ledger file on a host directory 
 container mounts (one short O_APPEND write per execution) before it answers. An id executed
 twice is a duplicate: never allowed for a POST, allowed (an idempotent retry) for a GET. A POST
 answered with an error but found in the ledger ran anyway: the client cannot tell.
+
+Backends (--backend): `httpd`, busybox httpd running a CGI per request and closing the
+connection after each response, so a proxy never reuses one; `keepalive`, a shell loop behind
+busybox nc answering HTTP/1.1 requests one after another on a connection the proxy keeps and
+reuses, so a backend that dies with a request on a reused connection is the keep-alive race,
+which a proxy must not answer by sending a POST again. --work-ms makes each request work that
+long after it is recorded, as a real handler would, so a kill can land between the two.
 
 Query of death (--query-of-death N): N requests for /cgi-bin/qod, one every --qod-every seconds
 beside the load; that CGI records its id and kills the process serving its connection, so every
@@ -73,17 +81,51 @@ KINDS = ("restart", "stop-start", "kill", "rolling")
 VIP = "169.254.100.61"
 REQUEST_TIMEOUT = 15.0  # above the hold timeout: a held request is not a client timeout
 
-# The CGIs every container serves (mounted over the image's /www/cgi-bin): each records the
-# request's id (its query string) in the ledger before doing anything else. `echo` is a shell
-# builtin writing its line in one call, so concurrent appends do not interleave.
+# What every container serves, mounted over the image's /www/cgi-bin. Each records the request's
+# id (its query string) in the ledger before anything else (`echo` is a shell builtin writing its
+# line in one call, so concurrent appends do not interleave), then works for $WORK_US.
 RECORD = 'echo "$QUERY_STRING $REQUEST_METHOD $HOSTNAME" >> /ledger/executions\n'
-CGIS = {
+WORK = '[ "$WORK_US" -gt 0 ] && usleep "$WORK_US"\n'
+SCRIPTS = {
     # Names the serving container, so every response says which backend ran it.
     "whoami": "#!/bin/sh\n"
     + RECORD
+    + WORK
     + 'printf "Content-Type: text/plain\\r\\n\\r\\n"\necho "$HOSTNAME"\n',
     # Kills the httpd process holding the connection: it closes before any response byte.
     "qod": "#!/bin/sh\n" + RECORD + "kill -9 $PPID\n",
+    # --backend keepalive: one client connection (nc forks one per connection), requests
+    # answered one after another on it, as HTTP/1.1 with keep-alive; qod closes it unanswered.
+    "keepalive": r"""#!/bin/sh
+cr=$(printf '\r')
+while read -r REQUEST_METHOD target version; do
+    length=0
+    while read -r line; do
+        line=${line%"$cr"}
+        [ -z "$line" ] && break
+        case "$line" in [Cc]ontent-[Ll]ength:*) length=${line#*:} ;; esac
+    done
+    [ "$length" -gt 0 ] && read -r -n "$length" body
+    body=healthy
+    if [ "$target" != /healthz ]; then
+        QUERY_STRING=${target#*\?}
+        """
+    + RECORD
+    + r"""        case "$target" in /cgi-bin/qod*) exit 0 ;; esac
+        """
+    + WORK
+    + r"""        body=$HOSTNAME
+    fi
+    printf 'HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s\n' \
+        $((${#body} + 1)) "$body"
+done
+""",
+}
+BACKENDS = {
+    # busybox httpd: a process per connection, closed after each response (no keep-alive).
+    "httpd": HTTPD,
+    # Connections kept alive and reused by the proxy: the keep-alive race can happen.
+    "keepalive": ["nc", "-ll", "-p", "80", "-e", "/www/cgi-bin/keepalive"],
 }
 
 
@@ -138,7 +180,7 @@ class Ledger:
         root = Path(self.dir.name)
         (root / "cgi-bin").mkdir()
         (root / "ledger").mkdir()
-        for name, text in CGIS.items():
+        for name, text in SCRIPTS.items():
             script = root / "cgi-bin" / name
             script.write_text(text)
             script.chmod(0o755)
@@ -180,12 +222,16 @@ class Replicas:
     """The service's containers, their start events and address ownership, from docker events."""
 
     def __init__(
-        self, client: docker.DockerClient, image: str, prefix: str, volumes: dict[str, Any]
+        self,
+        client: docker.DockerClient,
+        image: str,
+        prefix: str,
+        serve: dict[str, Any],
     ) -> None:
         self.client = client
         self.image = image
         self.prefix = prefix
-        self.volumes = volumes
+        self.serve = serve  # command, volumes, environment: the same for replicas and thieves
         self.network = client.networks.create(f"{prefix}-net")
         self.containers: list[Any] = []
         self.created: list[str] = []
@@ -228,12 +274,11 @@ class Replicas:
             }
         box = self.client.containers.run(
             self.image,
-            HTTPD,
             name=f"{self.prefix}-{role}-{self._serial}",
             labels=labels,
             detach=True,
             network=self.network.name,
-            volumes=self.volumes,
+            **self.serve,
             init=True,  # an init as PID 1 passes SIGTERM on, so httpd stops at once
         )
         cid = str(box.id)
@@ -728,11 +773,19 @@ async def run(
     dns_rounds: int,
     query_of_death_count: int = 0,
     qod_every: float = 3.0,
+    backend: str = "httpd",
+    work_ms: float = 0.0,
 ) -> dict[str, Any]:
     with engine() as client:
         image = ensure_image(client)
         ledger = Ledger()
-        replicas = Replicas(client, image, f"fo{uuid.uuid4().hex[:6]}", ledger.volumes)
+        prefix = f"fo{uuid.uuid4().hex[:6]}"
+        serve = {
+            "command": BACKENDS[backend],
+            "volumes": ledger.volumes,
+            "environment": {"WORK_US": str(round(work_ms * 1000))},
+        }
+        replicas = Replicas(client, image, prefix, serve)
         dns_port = free_port()
         target: Target = (
             Stablenet(hold_timeout, dns_port) if target_name == "stablenet" else Nginx()
@@ -764,6 +817,7 @@ async def run(
                     stop.set()
             wall = time.monotonic() - began
             result = summarize(target.name, outcomes, replicas, restarted.result(), wall)
+            result |= {"backend": backend, "work_ms": work_ms}
             ledger_now = ledger.read()
             result["executions"] = executions(outcomes, ledger_now)
             if query_of_death_count:
@@ -822,7 +876,7 @@ def table(results: list[dict[str, Any]]) -> str:
         eject = r.get("ejections")
         rows.append(
             (
-                r["target"],
+                r["target"] + ("" if r["backend"] == "httpd" else f", {r['backend']} backend"),
                 str(r["replicas"]),
                 ", ".join(f"{k} {v}" for k, v in r["restarts"].items()),
                 str(r["requests"]),
@@ -869,6 +923,15 @@ async def main() -> None:
         help="send N requests that crash the backend serving them (with --restarts 0: alone)",
     )
     parser.add_argument("--qod-every", type=float, default=3.0, help="seconds between them")
+    parser.add_argument(
+        "--backend",
+        choices=tuple(BACKENDS),
+        default="httpd",
+        help="httpd: a connection per request; keepalive: connections reused",
+    )
+    parser.add_argument(
+        "--work-ms", type=float, default=0.0, help="time each request works after it is recorded"
+    )
     args = parser.parse_args()
     kinds = [k for k in args.kinds.split(",") if k]
     for kind in kinds:
@@ -890,13 +953,16 @@ async def main() -> None:
                 args.dns_rounds,
                 args.query_of_death,
                 args.qod_every,
+                args.backend,
+                args.work_ms,
             )
         )
         print(json.dumps(results[-1]), flush=True)
     print(table(results))
     RESULTS.mkdir(exist_ok=True)
     qod = f"-qod{args.query_of_death}" if args.query_of_death else ""
-    out = RESULTS / f"failover-{args.replicas}r{qod}.json"
+    backend = "" if args.backend == "httpd" else f"-{args.backend}"
+    out = RESULTS / f"failover-{args.replicas}r{qod}{backend}.json"
     out.write_text(json.dumps(results, indent=2))
 
 
