@@ -878,7 +878,7 @@ def table(results: list[dict[str, Any]]) -> str:
             (
                 r["target"] + ("" if r["backend"] == "httpd" else f", {r['backend']} backend"),
                 str(r["replicas"]),
-                ", ".join(f"{k} {v}" for k, v in r["restarts"].items()),
+                ", ".join(f"{k} {v}" for k, v in r["restarts"].items()) or "none",
                 str(r["requests"]),
                 str(sum(r["failed_get"].values()))
                 + (f" {r['failed_get']}" if r["failed_get"] else ""),
