@@ -110,7 +110,10 @@ async def test_no_failed_request_while_replicas_restart(
         assert result["held_requests"] > 0  # requests waited for the replica instead of failing
 
 
-async def test_query_of_death_is_counted_at_the_backends(containers: Containers) -> None:
+@pytest.mark.parametrize("backend", ["httpd", "keepalive"])
+async def test_query_of_death_is_counted_at_the_backends(
+    backend: str, containers: Containers
+) -> None:
     result = await short_run(
         replica_count=3,
         kinds=[],
@@ -119,9 +122,12 @@ async def test_query_of_death_is_counted_at_the_backends(containers: Containers)
         hold_timeout=2.0,
         dns_rounds=0,
         query_of_death_count=1,
+        backend=backend,
     )
     qod = result["query_of_death"]
     assert qod["sent"] == 1
     assert qod["reached_max"] >= 1  # recorded by the backend before its connection died
     assert "200" not in qod["answers"]
+    assert result["get_requests"] > 100 and result["failed_get"] == {}
     assert result["executions"]["ok_unrecorded"] == 0
+    assert result["executions"]["garbled_lines"] == 0
