@@ -5,16 +5,37 @@ reference, nginx with the replicas' addresses resolved once at start.
     .venv/bin/python -m benchmarks.failover --replicas 2 --restarts 50
     .venv/bin/python -m benchmarks.failover --replicas 1 --restarts 20 --kinds restart,stop-start
     .venv/bin/python -m benchmarks.failover --target nginx --replicas 2 --restarts 50
+    .venv/bin/python -m benchmarks.failover --restarts 5 --backend keepalive --work-ms 20
+    .venv/bin/python -m benchmarks.failover --replicas 3 --restarts 0 --query-of-death 5
 
 Restart kinds, each repeated --restarts times, one replica at a time, waiting until the service
 is whole again before the next: `restart` (docker restart), `stop-start` (docker stop, another
 container takes the freed address, docker start: a new IP), `kill` (docker kill while requests
 are in flight, then start), `rolling` (a new container comes up, then the old one is removed).
 
-Load: --concurrency clients send GET /cgi-bin/whoami (answered with the serving container's
+Load: --concurrency clients send GET /cgi-bin/whoami?ID (answered with the serving container's
 hostname, so every response names its backend) with --post-share of them POST (not
 idempotent: a proxy may not retry those, so their failures are counted apart). A response from a
 container that is not a replica of the service counts as a failure (wrong-backend).
+
+Executions are counted at the backends: every request carries a unique id in its query string,
+and the CGI appends `ID METHOD HOSTNAME` to one ledger file on a host directory that every
+container mounts (one short O_APPEND write per execution) before it answers. An id executed
+twice is a duplicate: never allowed for a POST, allowed (an idempotent retry) for a GET. A POST
+answered with an error but found in the ledger ran anyway: the client cannot tell.
+
+Backends (--backend): `httpd`, busybox httpd running a CGI per request and closing the
+connection after each response, so a proxy never reuses one; `keepalive`, a shell loop behind
+busybox nc answering HTTP/1.1 requests one after another on a connection the proxy keeps and
+reuses, so a backend that dies with a request on a reused connection is the keep-alive race,
+which a proxy must not answer by sending a POST again. --work-ms makes each request work that
+long after it is recorded, as a real handler would, so a kill can land between the two.
+
+Query of death (--query-of-death N): N requests for /cgi-bin/qod, one every --qod-every seconds
+beside the load; that CGI records its id and kills the process serving its connection, so every
+backend it reaches drops the connection before any response byte, as a crash would. Reported:
+how many times each one reached a backend, what its client got, and (stablenet) how many
+endpoints were ejected meanwhile and how many at once, from the admin API's event log.
 
 DNS (stablenet only): a container using stablenet as its resolver looks the service up in a
 loop; an answer naming an address that no replica held at any time during that lookup is stale.
@@ -60,6 +81,53 @@ KINDS = ("restart", "stop-start", "kill", "rolling")
 VIP = "169.254.100.61"
 REQUEST_TIMEOUT = 15.0  # above the hold timeout: a held request is not a client timeout
 
+# What every container serves, mounted over the image's /www/cgi-bin. Each records the request's
+# id (its query string) in the ledger before anything else (`echo` is a shell builtin writing its
+# line in one call, so concurrent appends do not interleave), then works for $WORK_US.
+RECORD = 'echo "$QUERY_STRING $REQUEST_METHOD $HOSTNAME" >> /ledger/executions\n'
+WORK = '[ "$WORK_US" -gt 0 ] && usleep "$WORK_US"\n'
+SCRIPTS = {
+    # Names the serving container, so every response says which backend ran it.
+    "whoami": "#!/bin/sh\n"
+    + RECORD
+    + WORK
+    + 'printf "Content-Type: text/plain\\r\\n\\r\\n"\necho "$HOSTNAME"\n',
+    # Kills the httpd process holding the connection: it closes before any response byte.
+    "qod": "#!/bin/sh\n" + RECORD + "kill -9 $PPID\n",
+    # --backend keepalive: one client connection (nc forks one per connection), requests
+    # answered one after another on it, as HTTP/1.1 with keep-alive; qod closes it unanswered.
+    "keepalive": r"""#!/bin/sh
+cr=$(printf '\r')
+while read -r REQUEST_METHOD target version; do
+    length=0
+    while read -r line; do
+        line=${line%"$cr"}
+        [ -z "$line" ] && break
+        case "$line" in [Cc]ontent-[Ll]ength:*) length=${line#*:} ;; esac
+    done
+    [ "$length" -gt 0 ] && read -r -n "$length" body
+    body=healthy
+    if [ "$target" != /healthz ]; then
+        QUERY_STRING=${target#*\?}
+        """
+    + RECORD
+    + r"""        case "$target" in /cgi-bin/qod*) exit 0 ;; esac
+        """
+    + WORK
+    + r"""        body=$HOSTNAME
+    fi
+    printf 'HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s\n' \
+        $((${#body} + 1)) "$body"
+done
+""",
+}
+BACKENDS = {
+    # busybox httpd: a process per connection, closed after each response (no keep-alive).
+    "httpd": HTTPD,
+    # Connections kept alive and reused by the proxy: the keep-alive race can happen.
+    "keepalive": ["nc", "-ll", "-p", "80", "-e", "/www/cgi-bin/keepalive"],
+}
+
 
 def percentile(values: list[float], pct: float) -> float:
     if not values:
@@ -70,6 +138,7 @@ def percentile(values: list[float], pct: float) -> float:
 
 @dataclass(slots=True)
 class Outcome:
+    rid: str  # the request's id: its query string, as the ledger records it
     sent: float  # unix time
     done: float
     method: str
@@ -100,13 +169,69 @@ class Ownership:
         return any(b <= t1 and e >= t0 for b, e in self.spans.get(ip, []))
 
 
+class Ledger:
+    """Every execution at the backends: a host directory holding the CGIs and the ledger file,
+    mounted into every container, so a restarted or replaced one records into the same file."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.TemporaryDirectory(
+            prefix="failover-ledger-", ignore_cleanup_errors=True
+        )
+        root = Path(self.dir.name)
+        (root / "cgi-bin").mkdir()
+        (root / "ledger").mkdir()
+        for name, text in SCRIPTS.items():
+            script = root / "cgi-bin" / name
+            script.write_text(text)
+            script.chmod(0o755)
+        self.file = root / "ledger" / "executions"
+        self.volumes = {
+            str(root / "cgi-bin"): {"bind": "/www/cgi-bin", "mode": "ro"},
+            str(root / "ledger"): {"bind": "/ledger", "mode": "rw"},
+        }
+
+    def read(self) -> Executions:
+        return parse_ledger(self.file.read_text() if self.file.exists() else "")
+
+    def close(self) -> None:
+        self.dir.cleanup()
+
+
+@dataclass(frozen=True, slots=True)
+class Executions:
+    hosts: dict[str, list[str]]  # request id -> the hostname of each container that ran it
+    garbled: int  # lines that are not `ID METHOD HOSTNAME` (none, if appends are atomic)
+
+    def count(self, rid: str) -> int:
+        return len(self.hosts.get(rid, ()))
+
+
+def parse_ledger(text: str) -> Executions:
+    hosts: dict[str, list[str]] = {}
+    garbled = 0
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) != 3:
+            garbled += 1
+            continue
+        hosts.setdefault(fields[0], []).append(fields[2])
+    return Executions(hosts, garbled)
+
+
 class Replicas:
     """The service's containers, their start events and address ownership, from docker events."""
 
-    def __init__(self, client: docker.DockerClient, image: str, prefix: str) -> None:
+    def __init__(
+        self,
+        client: docker.DockerClient,
+        image: str,
+        prefix: str,
+        serve: dict[str, Any],
+    ) -> None:
         self.client = client
         self.image = image
         self.prefix = prefix
+        self.serve = serve  # command, volumes, environment: the same for replicas and thieves
         self.network = client.networks.create(f"{prefix}-net")
         self.containers: list[Any] = []
         self.created: list[str] = []
@@ -149,11 +274,11 @@ class Replicas:
             }
         box = self.client.containers.run(
             self.image,
-            HTTPD,
             name=f"{self.prefix}-{role}-{self._serial}",
             labels=labels,
             detach=True,
             network=self.network.name,
+            **self.serve,
             init=True,  # an init as PID 1 passes SIGTERM on, so httpd stops at once
         )
         cid = str(box.id)
@@ -189,13 +314,16 @@ class Stablenet:
         self.dns_port = dns_port
         self.hold_timeout = hold_timeout
         self.proc: subprocess.Popen[bytes] | None = None
+        self.events: list[dict[str, Any]] = []
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115
             prefix="stablenet-failover-", suffix=".log", delete=False
         )
 
+    base = f"http://{VIP}"
+
     @property
-    def url(self) -> str:
-        return f"http://{VIP}/cgi-bin/whoami"
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
 
     @property
     def host(self) -> str:
@@ -221,7 +349,7 @@ class Stablenet:
 
     async def ready_ips(self, http: aiohttp.ClientSession) -> set[str]:
         try:
-            async with http.get(f"http://127.0.0.1:{self.admin_port}/v1/services/{SERVICE}") as r:
+            async with http.get(f"{self.admin}/v1/services/{SERVICE}") as r:
                 if r.status != 200:
                     return set()
                 body = await r.json()
@@ -242,6 +370,32 @@ class Stablenet:
                     raise RuntimeError("stablenet exited; log: " + self.log.name)
                 await asyncio.sleep(0.05)
 
+    async def follow(self, stop: asyncio.Event) -> None:
+        """Keep the admin API's recent events (it holds the last 500 only) until ``stop``."""
+        async with aiohttp.ClientSession() as http:
+            while not stop.is_set():
+                await self._read_events(http)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.5)
+            await self._read_events(http)
+
+    async def _read_events(self, http: aiohttp.ClientSession) -> None:
+        since = self.events[-1]["seq"] if self.events else 0
+        with contextlib.suppress(aiohttp.ClientError):
+            async with http.get(f"{self.admin}/v1/events", params={"since": since}) as r:
+                self.events += (await r.json())["events"]
+
+    async def figures(self) -> dict[str, Any]:
+        """What the daemon saw: passive ejections, from its events, and its retries."""
+        async with aiohttp.ClientSession() as http, http.get(f"{self.admin}/metrics") as r:
+            metrics = await r.text()
+        retries = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("stablenet_proxy_retries_total{") and f'"{SERVICE}"' in line
+        )
+        return {"ejections": ejections(self.events), "proxy_retries": int(retries)}
+
     async def stop(self) -> None:
         if self.proc is not None:
             self.proc.send_signal(signal.SIGTERM)
@@ -260,8 +414,8 @@ class Nginx:
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/cgi-bin/whoami"
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     host = f"{SERVICE}.{ZONE}"
 
@@ -300,6 +454,12 @@ class Nginx:
                         pass
                     await asyncio.sleep(0.05)
 
+    async def follow(self, stop: asyncio.Event) -> None:
+        """nginx has no event log to keep."""
+
+    async def figures(self) -> dict[str, Any]:
+        return {}
+
     async def stop(self) -> None:
         if self.proc is not None:
             self.proc.send_signal(signal.SIGQUIT)
@@ -314,9 +474,35 @@ Target = Stablenet | Nginx
 # ---------------------------------------------------------------- load
 
 
+async def send(
+    http: aiohttp.ClientSession, target: Target, method: str, cgi: str, rid: str
+) -> Outcome:
+    """One request for /cgi-bin/CGI?RID, classified as the client saw it."""
+    sent = time.time()
+    try:
+        async with http.request(
+            method,
+            f"{target.base}/cgi-bin/{cgi}?{rid}",
+            headers={"Host": target.host},
+            data=b"x=1" if method == "POST" else None,
+        ) as resp:
+            body = (await resp.read()).decode(errors="replace").strip()
+            if resp.status >= 500:
+                kind = "5xx"
+            elif resp.status != 200:
+                kind = "other"
+            else:
+                kind = "ok"  # checked against every replica's id once the run ends
+            backend = body[: 12 if kind == "ok" else 120]
+            return Outcome(rid, sent, time.time(), method, kind, resp.status, backend)
+    except TimeoutError:
+        return Outcome(rid, sent, time.time(), method, "timeout")
+    except (aiohttp.ClientError, OSError):
+        return Outcome(rid, sent, time.time(), method, "conn")
+
+
 async def load(
     target: Target,
-    replicas: Replicas,
     stop: asyncio.Event,
     concurrency: int,
     post_share: float,
@@ -333,41 +519,27 @@ async def load(
             if stop.is_set():
                 return
             method = "POST" if post_every and n % post_every == 0 else "GET"
-            sent = time.time()
-            try:
-                async with http.request(
-                    method,
-                    target.url,
-                    headers={"Host": target.host},
-                    data=b"x=1" if method == "POST" else None,
-                ) as resp:
-                    body = (await resp.read()).decode(errors="replace").strip()
-                    done = time.time()
-                    if resp.status >= 500:
-                        kind = "5xx"
-                    elif resp.status != 200:
-                        kind = "other"
-                    else:
-                        kind = "ok"  # checked against every replica's id once the run ends
-                    into.append(
-                        Outcome(
-                            sent,
-                            done,
-                            method,
-                            kind,
-                            resp.status,
-                            body[: 12 if kind == "ok" else 120],
-                        )
-                    )
-            except TimeoutError:
-                into.append(Outcome(sent, time.time(), method, "timeout"))
-            except (aiohttp.ClientError, OSError):
-                into.append(Outcome(sent, time.time(), method, "conn"))
+            into.append(await send(http, target, method, "whoami", str(n)))
 
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
         async with asyncio.TaskGroup() as tasks:
             for _ in range(concurrency):
                 tasks.create_task(worker(http))
+
+
+async def queries_of_death(target: Target, count: int, every: float, into: list[Outcome]) -> None:
+    """COUNT requests that crash whatever backend serves them, one every EVERY seconds, each on
+    a connection of its own, without waiting for the previous one's answer."""
+
+    async def one(http: aiohttp.ClientSession, rid: str) -> None:
+        into.append(await send(http, target, "GET", "qod", rid))
+
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+    async with aiohttp.ClientSession(timeout=timeout) as http, asyncio.TaskGroup() as tasks:
+        for i in range(count):
+            if i:
+                await asyncio.sleep(every)
+            tasks.create_task(one(http, f"qod-{i}"))
 
 
 # ---------------------------------------------------------------- restarts
@@ -470,6 +642,64 @@ def stale_answers(lookups: list[Lookup], ownership: Ownership) -> list[Lookup]:
 # ---------------------------------------------------------------- report
 
 
+def executions(outcomes: list[Outcome], ledger: Executions) -> dict[str, Any]:
+    """The requests as the backends saw them: run twice (a POST never may), and POSTs answered
+    with an error that ran all the same."""
+
+    def twice(method: str) -> list[Outcome]:
+        return [o for o in outcomes if o.method == method and ledger.count(o.rid) > 1]
+
+    posts = [o for o in outcomes if o.method == "POST"]
+    failed_posts = [o for o in posts if o.kind != "ok"]
+    return {
+        "recorded": sum(len(h) for h in ledger.hosts.values()),
+        "garbled_lines": ledger.garbled,
+        "duplicated_post": len(twice("POST")),
+        "duplicated_get": len(twice("GET")),
+        "duplicated_post_examples": [
+            f"{o.rid} ({o.kind}): {', '.join(ledger.hosts[o.rid])}" for o in twice("POST")[:5]
+        ],
+        "failed_post_executed": sum(1 for o in failed_posts if ledger.count(o.rid)),
+        "failed_post_not_executed": sum(1 for o in failed_posts if not ledger.count(o.rid)),
+        # A right answer comes from the CGI, which records first: these would be a ledger fault.
+        "ok_unrecorded": sum(1 for o in outcomes if o.kind == "ok" and not ledger.count(o.rid)),
+    }
+
+
+def query_of_death(qods: list[Outcome], ledger: Executions) -> dict[str, Any]:
+    reached = [ledger.count(o.rid) for o in sorted(qods, key=lambda o: o.sent)]
+    answered = [(o.done - o.sent) * 1000 for o in qods]
+    return {
+        "sent": len(qods),
+        "reached": reached,  # backend executions of each, in the order sent
+        "reached_max": max(reached, default=0),
+        "answers": dict(Counter(str(o.status) if o.status else o.kind for o in qods)),
+        "answer_p50_ms": round(percentile(answered, 50), 1),
+        "answer_max_ms": round(max(answered, default=0.0), 1),
+    }
+
+
+def ejections(events: list[dict[str, Any]]) -> dict[str, int]:
+    """Passive ejections in the admin API's events (`ready -> unhealthy (ejected after ...)`):
+    how many, of how many endpoints, and the most out at one time."""
+    out: set[str] = set()
+    names: set[str] = set()
+    total = most = 0
+    for event in events:
+        name = event["endpoint"]
+        if event["kind"] not in ("state", "removed"):
+            continue
+        state, _, reason = event["message"].partition(" -> ")[2].partition(" ")
+        if event["kind"] == "state" and state != "ready" and "eject" in reason:
+            total += 1
+            names.add(name)
+            out.add(name)
+            most = max(most, len(out))
+        else:
+            out.discard(name)
+    return {"count": total, "endpoints": len(names), "most_at_once": most}
+
+
 def summarize(
     target: str,
     outcomes: list[Outcome],
@@ -541,10 +771,21 @@ async def run(
     hold_timeout: float,
     max_requests: int,
     dns_rounds: int,
+    query_of_death_count: int = 0,
+    qod_every: float = 3.0,
+    backend: str = "httpd",
+    work_ms: float = 0.0,
 ) -> dict[str, Any]:
     with engine() as client:
         image = ensure_image(client)
-        replicas = Replicas(client, image, f"fo{uuid.uuid4().hex[:6]}")
+        ledger = Ledger()
+        prefix = f"fo{uuid.uuid4().hex[:6]}"
+        serve = {
+            "command": BACKENDS[backend],
+            "volumes": ledger.volumes,
+            "environment": {"WORK_US": str(round(work_ms * 1000))},
+        }
+        replicas = Replicas(client, image, prefix, serve)
         dns_port = free_port()
         target: Target = (
             Stablenet(hold_timeout, dns_port) if target_name == "stablenet" else Nginx()
@@ -558,19 +799,30 @@ async def run(
                 gateway = (await asyncio.to_thread(engine_networks)).bridge_gateway
                 dns_box = await dns_client(replicas, f"{gateway}:{dns_port}", dns_rounds)
             outcomes: list[Outcome] = []
+            qods: list[Outcome] = []
             stop = asyncio.Event()
             began = time.monotonic()
             async with asyncio.TaskGroup() as tasks:
-                loader = tasks.create_task(
-                    load(target, replicas, stop, concurrency, post_share, max_requests, outcomes)
+                tasks.create_task(
+                    load(target, stop, concurrency, post_share, max_requests, outcomes)
                 )
+                tasks.create_task(target.follow(stop))
                 try:
-                    done = await scenario(target, replicas, kinds, restarts)
+                    async with asyncio.TaskGroup() as work:
+                        restarted = work.create_task(scenario(target, replicas, kinds, restarts))
+                        work.create_task(
+                            queries_of_death(target, query_of_death_count, qod_every, qods)
+                        )
                 finally:
                     stop.set()
-                await loader
             wall = time.monotonic() - began
-            result = summarize(target.name, outcomes, replicas, done, wall)
+            result = summarize(target.name, outcomes, replicas, restarted.result(), wall)
+            result |= {"backend": backend, "work_ms": work_ms}
+            ledger_now = ledger.read()
+            result["executions"] = executions(outcomes, ledger_now)
+            if query_of_death_count:
+                result["query_of_death"] = query_of_death(qods, ledger_now)
+            result |= await target.figures()
             if dns_box is not None:
                 with contextlib.suppress(docker.errors.APIError):  # it may have finished
                     await asyncio.to_thread(dns_box.kill)
@@ -591,6 +843,7 @@ async def run(
         finally:
             await target.stop()
             await asyncio.to_thread(replicas.close)
+            ledger.close()
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -609,15 +862,23 @@ def table(results: list[dict[str, Any]]) -> str:
         "start->routed p50 ms",
         "DNS lookups",
         "stale DNS",
+        "duplicated POST",
+        "duplicated GET",
+        "failed POST executed",
+        "QoD reached (max)",
+        "ejections (most at once)",
     )
     rows = [head]
     for r in results:
         dns = r.get("dns", {})
+        runs = r["executions"]
+        qod = r.get("query_of_death")
+        eject = r.get("ejections")
         rows.append(
             (
-                r["target"],
+                r["target"] + ("" if r["backend"] == "httpd" else f", {r['backend']} backend"),
                 str(r["replicas"]),
-                ", ".join(f"{k} {v}" for k, v in r["restarts"].items()),
+                ", ".join(f"{k} {v}" for k, v in r["restarts"].items()) or "none",
                 str(r["requests"]),
                 str(sum(r["failed_get"].values()))
                 + (f" {r['failed_get']}" if r["failed_get"] else ""),
@@ -631,6 +892,11 @@ def table(results: list[dict[str, Any]]) -> str:
                 str(r["start_to_first_routed_ms"]["p50"]),
                 str(dns.get("lookups", "-")),
                 str(dns.get("stale", "-")),
+                str(runs["duplicated_post"]),
+                str(runs["duplicated_get"]),
+                f"{runs['failed_post_executed']} of {sum(r['failed_post'].values())}",
+                f"{sum(qod['reached'])} for {qod['sent']} ({qod['reached_max']})" if qod else "-",
+                f"{eject['count']} ({eject['most_at_once']})" if eject else "-",
             )
         )
     out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
@@ -649,6 +915,23 @@ async def main() -> None:
     parser.add_argument("--hold-timeout", type=float, default=10.0)
     parser.add_argument("--max-requests", type=int, default=500_000)
     parser.add_argument("--dns-rounds", type=int, default=20_000)
+    parser.add_argument(
+        "--query-of-death",
+        type=int,
+        default=0,
+        metavar="N",
+        help="send N requests that crash the backend serving them (with --restarts 0: alone)",
+    )
+    parser.add_argument("--qod-every", type=float, default=3.0, help="seconds between them")
+    parser.add_argument(
+        "--backend",
+        choices=tuple(BACKENDS),
+        default="httpd",
+        help="httpd: a connection per request; keepalive: connections reused",
+    )
+    parser.add_argument(
+        "--work-ms", type=float, default=0.0, help="time each request works after it is recorded"
+    )
     args = parser.parse_args()
     kinds = [k for k in args.kinds.split(",") if k]
     for kind in kinds:
@@ -668,12 +951,18 @@ async def main() -> None:
                 args.hold_timeout,
                 args.max_requests,
                 args.dns_rounds,
+                args.query_of_death,
+                args.qod_every,
+                args.backend,
+                args.work_ms,
             )
         )
         print(json.dumps(results[-1]), flush=True)
     print(table(results))
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"failover-{args.replicas}r.json"
+    qod = f"-qod{args.query_of_death}" if args.query_of_death else ""
+    backend = "" if args.backend == "httpd" else f"-{args.backend}"
+    out = RESULTS / f"failover-{args.replicas}r{qod}{backend}.json"
     out.write_text(json.dumps(results, indent=2))
 
 
