@@ -110,6 +110,21 @@ async def test_no_failed_request_while_replicas_restart(
         assert result["held_requests"] > 0  # requests waited for the replica instead of failing
 
 
+async def test_no_post_runs_twice_on_keep_alive_backends_that_restart(
+    containers: Containers,
+) -> None:
+    """Backends that keep connections alive and work 20 ms per request: a POST whose replica
+    dies after executing it must not be sent again (the pooled connection is the one it ran
+    on, or looked just like it)."""
+    result = await short_run(
+        replica_count=2, kinds=list(KINDS), restarts=5, backend="keepalive", work_ms=20
+    )
+    runs = result["executions"]
+    assert runs["duplicated_post"] == 0, runs["duplicated_post_examples"]
+    assert result["failed_get"] == {}
+    assert runs["ok_unrecorded"] == 0 and runs["garbled_lines"] == 0
+
+
 @pytest.mark.parametrize("backend", ["httpd", "keepalive"])
 async def test_query_of_death_is_counted_at_the_backends(
     backend: str, containers: Containers
@@ -127,7 +142,9 @@ async def test_query_of_death_is_counted_at_the_backends(
     qod = result["query_of_death"]
     assert qod["sent"] == 1
     assert qod["reached_max"] >= 1  # recorded by the backend before its connection died
+    assert qod["reached_max"] <= 3  # the first attempt and proxy.retries (2) more, at most
     assert "200" not in qod["answers"]
+    assert result["ejections"]["most_at_once"] < 3  # never the whole service
     assert result["get_requests"] > 100 and result["failed_get"] == {}
     assert result["executions"]["ok_unrecorded"] == 0
     assert result["executions"]["garbled_lines"] == 0
