@@ -156,7 +156,7 @@ class TcpFrontend:
         self.stats = stats
         self.limits = limits
         self.slots = TcpSlots(limits)
-        self._warn = RateLimitedWarning()
+        self._warn: dict[str, RateLimitedWarning] = {}
         self._handlers: set[asyncio.Task[None]] = set()
 
     def close_all(self) -> None:
@@ -179,7 +179,7 @@ class TcpFrontend:
         if admission.evicted is not None:
             self.stats.tcp_evicted += 1
             admission.evicted.close()
-            self._warn(
+            self._warning("evicted")(
                 loop.time(),
                 "DNS: all %d TCP connections taken; closed an idle one from %s for %s",
                 self.limits.connections,
@@ -189,11 +189,11 @@ class TcpFrontend:
         slot = admission.slot
         if slot is None:
             self.stats.tcp_rejected[admission.reason] += 1
-            self._warn(
+            self._warning(admission.reason)(
                 loop.time(),
-                "DNS: TCP connection from %s closed: %s limit reached (%d per address, %d in all)",
+                "DNS: TCP connection from %s closed, limit reached: %s (%d per address, %d in all)",
                 client,
-                admission.reason.replace("_", " "),
+                admission.reason,
                 self.limits.per_client,
                 self.limits.connections,
             )
@@ -209,6 +209,9 @@ class TcpFrontend:
             self._handlers.discard(task)
             self.slots.release(slot)
             writer.close()
+
+    def _warning(self, reason: str) -> RateLimitedWarning:
+        return self._warn.setdefault(reason, RateLimitedWarning())
 
     async def _read_queries(
         self,
