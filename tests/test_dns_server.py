@@ -431,7 +431,9 @@ class ScriptedUpstream(asyncio.DatagramProtocol):
     """An upstream that answers by a script: ``rcode`` for every question, or an A record; names
     listed in ``hold`` are kept unanswered until ``release(name)``. Every question is recorded."""
 
-    def __init__(self, rcode: int = dns.rcode.NOERROR, hold: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, rcode: dns.rcode.Rcode = dns.rcode.NOERROR, hold: tuple[str, ...] = ()
+    ) -> None:
         self.rcode = rcode
         self.hold = set(hold)
         self.asked: list[str] = []
@@ -483,7 +485,9 @@ async def scripted(**kw: Any) -> AsyncIterator[tuple[ScriptedUpstream, str]]:
 
 
 @pytest.mark.parametrize("rcode", [dns.rcode.SERVFAIL, dns.rcode.REFUSED])
-async def test_an_upstream_error_answer_tries_the_next_upstream(reg: Registry, rcode: int) -> None:
+async def test_an_upstream_error_answer_tries_the_next_upstream(
+    reg: Registry, rcode: dns.rcode.Rcode
+) -> None:
     async with (
         scripted(rcode=rcode) as (failing, first),
         scripted() as (working, second),
