@@ -133,7 +133,10 @@ class RateLimitedWarning:
             self._held += 1
             return
         held, self._held, self._last = self._held, 0, now
-        logger.warning(msg + " (%d more since the last warning)", *args, held)
+        if held:
+            logger.warning(msg + " (%d more since the last warning)", *args, held)
+        else:
+            logger.warning(msg, *args)
 
 
 Forwarding = Callable[[Forward], Awaitable[bytes | None]]
@@ -205,6 +208,8 @@ class TcpFrontend:
         try:
             async with asyncio.TaskGroup() as replies:
                 await self._read_queries(reader, writer, slot, replies)
+        except asyncio.CancelledError:
+            pass  # close_all at shutdown; asyncio would report a cancelled handler as an error
         finally:
             self._handlers.discard(task)
             self.slots.release(slot)
