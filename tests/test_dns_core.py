@@ -253,14 +253,20 @@ def upstream_reply(query: wire.Query, ttl: int, address: str | None) -> bytes:
     return reply.to_wire()
 
 
+def forward_once(
+    res: Resolver, snap: Snapshot, name: str, ttl: int, address: str | None, now: float
+) -> tuple[dns.message.Message, dns.message.Message]:
+    """Ask a name the resolver forwards, answer it as an upstream would: (query, reply)."""
+    query = dns.message.make_query(name, "A")
+    request = res.udp(query.to_wire(), "127.0.0.1", snap, now)
+    assert isinstance(request, Forward)
+    reply = res.forwarded(request, upstream_reply(request.query, ttl, address), now)
+    return query, dns.message.from_wire(reply)
+
+
 def test_forwarded_answers_are_cached_for_their_ttl() -> None:
     reg, res = web_registry(), new_resolver()
-    query = dns.message.make_query("known.test", "A")
-    request = res.udp(query.to_wire(), "127.0.0.1", reg.snapshot, 100.0)
-    assert isinstance(request, Forward)
-    first = dns.message.from_wire(
-        res.forwarded(request, upstream_reply(request.query, 60, "10.9.9.9"), 100.0)
-    )
+    query, first = forward_once(res, reg.snapshot, "known.test", 60, "10.9.9.9", 100.0)
     assert addresses(first) == {"10.9.9.9"} and first.id == query.id
     assert not first.flags & dns.flags.AA
     later = ask(res, reg.snapshot, "known.test", now=130.0)
@@ -273,10 +279,7 @@ def test_forwarded_answers_are_cached_for_their_ttl() -> None:
 
 def test_negative_forwarded_answers_are_cached_for_the_soa_minimum() -> None:
     reg, res = web_registry(), new_resolver()
-    query = dns.message.make_query("gone.test", "A")
-    request = res.udp(query.to_wire(), "127.0.0.1", reg.snapshot, 0.0)
-    assert isinstance(request, Forward)
-    res.forwarded(request, upstream_reply(request.query, 300, None), 0.0)
+    forward_once(res, reg.snapshot, "gone.test", 300, None, 0.0)
     cached = ask(res, reg.snapshot, "gone.test", now=20.0)
     assert cached.rcode() == dns.rcode.NXDOMAIN
     again = dns.message.make_query("gone.test", "A")
@@ -379,13 +382,8 @@ def test_do_bit_is_echoed_forwarded_and_part_of_the_forward_cache_key() -> None:
 
 def test_cached_negative_answer_advertises_what_is_left_of_the_negative_ttl() -> None:
     reg, res = web_registry(), new_resolver()
-    query = dns.message.make_query("gone.test", "A")
-    request = res.udp(query.to_wire(), "127.0.0.1", reg.snapshot, 0.0)
-    assert isinstance(request, Forward)
     # The upstream's SOA: TTL 300, minimum 30. RFC 2308: the negative TTL is min(300, 30).
-    first = dns.message.from_wire(
-        res.forwarded(request, upstream_reply(request.query, 300, None), 0.0)
-    )
+    _, first = forward_once(res, reg.snapshot, "gone.test", 300, None, 0.0)
     assert first.authority[0].ttl == 30
     later = ask(res, reg.snapshot, "gone.test", now=20.0)
     assert later.rcode() == dns.rcode.NXDOMAIN
