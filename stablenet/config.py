@@ -184,6 +184,8 @@ class DnsConfig:
     cache_size: int = _opt(10000, _int_at_least(1))
     forward_timeout: float = _opt(2.0, _positive_duration)
     max_forwards: int = _opt(256, _int_at_least(1))
+    tcp_connections: int = _opt(256, _int_at_least(1))
+    tcp_per_client: int = _opt(32, _int_at_least(1))
 
 
 @dataclass(frozen=True, slots=True)

@@ -127,6 +127,12 @@ class Collector:
         for name, doc, label, counts in (
             ("queries", "DNS queries answered, by type.", "qtype", stats.queries_by_type()),
             ("responses", "DNS responses, by rcode.", "rcode", stats.replies_by_rcode()),
+            (
+                "tcp_rejected",
+                "TCP connections closed at once, by reason.",
+                "reason",
+                dict(stats.tcp_rejected),
+            ),
         ):
             family = CounterMetricFamily(f"stablenet_dns_{name}", doc, labels=[label])
             for key, count in sorted(counts.items()):
@@ -137,9 +143,14 @@ class Collector:
             ("forwarded", "Questions forwarded upstream."),
             ("forward_cache_hits", "Forwarded names answered from cache."),
             ("forward_failures", "Upstream failures answered SERVFAIL."),
+            ("forward_overflow", "SERVFAIL at once: max_forwards already in flight."),
+            ("upstream_errors", "Upstream error answers (the next upstream was asked)."),
             ("refused", "Queries refused (client not allowed)."),
             ("malformed", "Malformed packets."),
+            ("dropped", "Packets not answered at all."),
             ("truncated", "UDP answers truncated (TC)."),
+            ("tcp_evicted", "Idle TCP connections closed to let a new client in."),
+            ("internal_errors", "Queries lost to an internal error."),
         ):
             yield CounterMetricFamily(f"stablenet_dns_{attr}", doc, value=getattr(stats, attr))
 

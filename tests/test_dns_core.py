@@ -253,14 +253,20 @@ def upstream_reply(query: wire.Query, ttl: int, address: str | None) -> bytes:
     return reply.to_wire()
 
 
+def forward_once(
+    res: Resolver, snap: Snapshot, name: str, ttl: int, address: str | None, now: float
+) -> tuple[dns.message.Message, dns.message.Message]:
+    """Ask a name the resolver forwards, answer it as an upstream would: (query, reply)."""
+    query = dns.message.make_query(name, "A")
+    request = res.udp(query.to_wire(), "127.0.0.1", snap, now)
+    assert isinstance(request, Forward)
+    reply = res.forwarded(request, upstream_reply(request.query, ttl, address), now)
+    return query, dns.message.from_wire(reply)
+
+
 def test_forwarded_answers_are_cached_for_their_ttl() -> None:
     reg, res = web_registry(), new_resolver()
-    query = dns.message.make_query("known.test", "A")
-    request = res.udp(query.to_wire(), "127.0.0.1", reg.snapshot, 100.0)
-    assert isinstance(request, Forward)
-    first = dns.message.from_wire(
-        res.forwarded(request, upstream_reply(request.query, 60, "10.9.9.9"), 100.0)
-    )
+    query, first = forward_once(res, reg.snapshot, "known.test", 60, "10.9.9.9", 100.0)
     assert addresses(first) == {"10.9.9.9"} and first.id == query.id
     assert not first.flags & dns.flags.AA
     later = ask(res, reg.snapshot, "known.test", now=130.0)
@@ -273,10 +279,7 @@ def test_forwarded_answers_are_cached_for_their_ttl() -> None:
 
 def test_negative_forwarded_answers_are_cached_for_the_soa_minimum() -> None:
     reg, res = web_registry(), new_resolver()
-    query = dns.message.make_query("gone.test", "A")
-    request = res.udp(query.to_wire(), "127.0.0.1", reg.snapshot, 0.0)
-    assert isinstance(request, Forward)
-    res.forwarded(request, upstream_reply(request.query, 300, None), 0.0)
+    forward_once(res, reg.snapshot, "gone.test", 300, None, 0.0)
     cached = ask(res, reg.snapshot, "gone.test", now=20.0)
     assert cached.rcode() == dns.rcode.NXDOMAIN
     again = dns.message.make_query("gone.test", "A")
@@ -344,3 +347,95 @@ def test_any_packet_gets_a_sane_reply_or_none(packet: bytes) -> None:
             assert res.stats.malformed > 0
         if out[2] & 0x78 == 0:  # a QUERY reply: a real client can read it
             dns.message.from_wire(out)
+
+
+# -- exact replies (#12) ----------------------------------------------------------------------
+
+
+def raw(data: bytes, res: Resolver, snap: Snapshot, client: str = "127.0.0.1") -> bytes:
+    out = res.udp(data, client, snap, 0.0)
+    assert isinstance(out, bytes), out
+    return out
+
+
+def test_do_bit_is_echoed_forwarded_and_part_of_the_forward_cache_key() -> None:
+    reg, res = web_registry(), new_resolver()
+    signed = ask(res, reg.snapshot, f"web.{ZONE}", want_dnssec=True)
+    assert signed.ednsflags & dns.flags.DO  # RFC 3225 3: echoed
+    assert not ask(res, reg.snapshot, f"web.{ZONE}", use_edns=0).ednsflags & dns.flags.DO
+    query = dns.message.make_query("signed.test", "A", want_dnssec=True)
+    query.flags |= dns.flags.CD
+    request = res.udp(query.to_wire(), "127.0.0.1", reg.snapshot, 0.0)
+    assert isinstance(request, Forward)
+    assert request.question.do and request.question.cd
+    upstream = dns.message.from_wire(wire.encode_query(7, *request.question))
+    assert upstream.ednsflags & dns.flags.DO and upstream.flags & dns.flags.CD
+    reply = res.forwarded(request, upstream_reply(request.query, 60, "10.9.9.9"), 0.0)
+    relayed = dns.message.from_wire(reply)
+    assert relayed.ednsflags & dns.flags.DO and relayed.flags & dns.flags.CD
+    # The answer kept for DO+CD is not the one a plain client gets: that is asked anew.
+    plain = dns.message.make_query("signed.test", "A")
+    assert isinstance(res.udp(plain.to_wire(), "127.0.0.1", reg.snapshot, 1.0), Forward)
+    again = ask(res, reg.snapshot, "signed.test", now=1.0, want_dnssec=True, flags=query.flags)
+    assert addresses(again) == {"10.9.9.9"}
+
+
+def test_cached_negative_answer_advertises_what_is_left_of_the_negative_ttl() -> None:
+    reg, res = web_registry(), new_resolver()
+    # The upstream's SOA: TTL 300, minimum 30. RFC 2308: the negative TTL is min(300, 30).
+    _, first = forward_once(res, reg.snapshot, "gone.test", 300, None, 0.0)
+    assert first.authority[0].ttl == 30
+    later = ask(res, reg.snapshot, "gone.test", now=20.0)
+    assert later.rcode() == dns.rcode.NXDOMAIN
+    assert later.authority[0].ttl == 10  # not 300 - 20: downstream keeps it 10 s more at most
+
+
+def test_unknown_opcode_without_a_question_is_notimp() -> None:
+    reg, res = web_registry(), new_resolver()
+    header_only = wire.HEADER.pack(0x4242, 15 << 11, 0, 0, 0, 0)  # opcode 15, no question
+    out = raw(header_only, res, reg.snapshot)
+    qid, flags, *counts = wire.HEADER.unpack(out)
+    assert qid == 0x4242 and flags & wire.QR
+    assert (flags & wire.OPCODE_MASK) >> 11 == 15
+    assert flags & 0xF == dns.rcode.NOTIMP and counts == [0, 0, 0, 0]
+    assert res.stats.replies_by_rcode() == {"NOTIMP": 1}
+
+
+def test_ra_only_for_allowed_clients_and_no_query_bits_on_other_opcodes() -> None:
+    reg, res = web_registry(), new_resolver()
+    allowed = ask(res, reg.snapshot, f"web.{ZONE}")
+    assert allowed.flags & dns.flags.RA and allowed.flags & dns.flags.RD
+    outsider = ask(res, reg.snapshot, f"web.{ZONE}", client="192.0.2.9")
+    assert outsider.rcode() == dns.rcode.REFUSED
+    assert not outsider.flags & dns.flags.RA  # no recursion on offer for it
+    assert outsider.flags & dns.flags.RD  # RD is copied (RFC 1035 4.1.1)
+    notify = dns.message.make_query(f"web.{ZONE}", "SOA")
+    notify.set_opcode(dns.opcode.NOTIFY)
+    out = raw(notify.to_wire(), res, reg.snapshot)
+    flags = wire.HEADER.unpack_from(out)[1]
+    assert flags & 0xF == wire.Rcode.NOTIMP
+    assert flags & ~(wire.QR | wire.OPCODE_MASK | 0xF) == 0  # no RD, RA: NOTIFY's own bits
+    zflag = dns.message.make_query(f"web.{ZONE}", "A")
+    zflag.flags |= wire.Z
+    assert not ask_wire(res, reg.snapshot, zflag).flags & wire.Z
+
+
+def ask_wire(res: Resolver, snap: Snapshot, query: dns.message.Message) -> dns.message.Message:
+    return dns.message.from_wire(raw(query.to_wire(), res, snap))
+
+
+def test_malformed_packet_from_outside_allow_is_dropped() -> None:
+    reg, res = web_registry(), new_resolver()
+    bad_question = b"\xab\xcd\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x05ab"
+    assert res.udp(bad_question, "192.0.2.9", reg.snapshot, 0.0) is None
+    assert res.tcp(bad_question, "192.0.2.9", reg.snapshot, 0.0) is None
+    assert res.stats.dropped == 2 and not res.stats.answers
+
+
+def test_counters_keep_the_extended_rcode_and_replies_without_a_question() -> None:
+    reg, res = web_registry(), new_resolver()
+    assert ask(res, reg.snapshot, f"web.{ZONE}", use_edns=1).rcode() == dns.rcode.BADVERS
+    raw(b"\xab\xcd\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x05ab", res, reg.snapshot)
+    assert res.stats.replies_by_rcode() == {"BADVERS": 1, "FORMERR": 1}
+    assert res.stats.queries_by_type() == {"A": 1, "none": 1}
+    assert wire.type_name(666) == "TYPE666" and wire.rcode_name(wire.Rcode.BADVERS) == "BADVERS"

@@ -425,3 +425,87 @@ async def test_container_resolves_a_service_and_sees_its_new_address_after_resta
         # change: the next lookup already has only the new address (others may keep the old
         # one for at most dns.ttl, 1 s here).
         assert await off_loop(nslookup, client, name) == {new_ip}
+
+
+class ScriptedUpstream(asyncio.DatagramProtocol):
+    """An upstream that answers by a script: ``rcode`` for every question, or an A record; names
+    listed in ``hold`` are kept unanswered until ``release(name)``. Every question is recorded."""
+
+    def __init__(
+        self, rcode: dns.rcode.Rcode = dns.rcode.NOERROR, hold: tuple[str, ...] = ()
+    ) -> None:
+        self.rcode = rcode
+        self.hold = set(hold)
+        self.asked: list[str] = []
+        self.held: dict[str, tuple[dns.message.Message, Any]] = {}
+        self.changed = asyncio.Event()
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        query = dns.message.from_wire(data)
+        name = query.question[0].name.to_text(omit_final_dot=True)
+        self.asked.append(name)
+        self.changed.set()
+        if name in self.hold:
+            self.held[name] = (query, addr)
+        else:
+            self.answer(query, addr)
+
+    def answer(self, query: dns.message.Message, addr: Any) -> None:
+        reply = dns.message.make_response(query)
+        reply.set_rcode(self.rcode)
+        if self.rcode == dns.rcode.NOERROR:
+            name = query.question[0].name
+            reply.answer.append(dns.rrset.from_text(name, 30, "IN", "A", "10.7.7.7"))
+        self.transport.sendto(reply.to_wire(), addr)
+
+    def release(self, name: str) -> None:
+        self.answer(*self.held.pop(name))
+
+    async def until_asked(self, count: int) -> None:
+        async with asyncio.timeout(5):
+            while len(self.asked) < count:
+                self.changed.clear()
+                await self.changed.wait()
+
+
+@contextlib.asynccontextmanager
+async def scripted(**kw: Any) -> AsyncIterator[tuple[ScriptedUpstream, str]]:
+    """A ScriptedUpstream on a loopback port, and its address for dns.upstreams."""
+    loop = asyncio.get_running_loop()
+    transport, upstream = await loop.create_datagram_endpoint(
+        lambda: ScriptedUpstream(**kw), local_addr=("127.0.0.1", 0)
+    )
+    try:
+        yield upstream, f"127.0.0.1:{transport.get_extra_info('sockname')[1]}"
+    finally:
+        transport.close()
+
+
+@pytest.mark.parametrize("rcode", [dns.rcode.SERVFAIL, dns.rcode.REFUSED])
+async def test_an_upstream_error_answer_tries_the_next_upstream(
+    reg: Registry, rcode: dns.rcode.Rcode
+) -> None:
+    async with (
+        scripted(rcode=rcode) as (failing, first),
+        scripted() as (working, second),
+        serving(reg, config(free_port(), upstreams=(first, second))) as srv,
+    ):
+        reply = await udp(srv, "next.test")
+        assert reply.rcode() == dns.rcode.NOERROR
+        assert [r.to_text() for r in reply.answer[0]] == ["10.7.7.7"]
+        assert failing.asked == working.asked == ["next.test"]
+        assert srv.stats.upstream_errors == 1
+
+
+async def test_servfail_only_when_every_upstream_fails(reg: Registry) -> None:
+    async with (
+        scripted(rcode=dns.rcode.REFUSED) as (one, first),
+        scripted(rcode=dns.rcode.SERVFAIL) as (two, second),
+        serving(reg, config(free_port(), upstreams=(first, second))) as srv,
+    ):
+        reply = await udp(srv, "nowhere.test")
+        assert reply.rcode() == dns.rcode.SERVFAIL
+        assert one.asked == two.asked == ["nowhere.test"]

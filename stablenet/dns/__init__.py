@@ -1,6 +1,7 @@
 """DNS for the registry: authoritative answers for the zone, forwarding for everything else.
-core.Resolver decides (pure); server.DnsServer is the asyncio adapter; forward.Forwarder asks
-upstreams. Nothing in this package talks to Docker or changes the registry."""
+core.Resolver decides (pure); server.DnsServer is the asyncio adapter, tcp.TcpFrontend its TCP
+connections; forward.Forwarder asks upstreams. Nothing in this package talks to Docker or
+changes the registry."""
 
 from stablenet.dns.core import Resolver
 from stablenet.dns.server import DnsServer, EngineNetworks

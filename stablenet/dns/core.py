@@ -21,8 +21,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 
-from dnslib import EDNS0, RR, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
 from dnslib import RD as RAW_RD
+from dnslib import RR, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
 
 from stablenet.dns import wire
 from stablenet.dns.stats import DnsStats
@@ -51,8 +51,8 @@ class Forward:
     key: bytes | None  # prepared-response cache key (UDP only)
 
     @property
-    def question(self) -> tuple[tuple[bytes, ...], int, int]:
-        return self.query.labels, self.query.qtype, self.query.qclass
+    def question(self) -> wire.Question:
+        return self.query.forward_question
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,20 +63,19 @@ class _Cached:
 
 
 class ForwardCache:
-    """Upstream replies by question, kept for their TTL (negative ones for the SOA minimum, RFC
-    2308), least recently used evicted first. Pure: the time is a parameter."""
+    """Upstream replies by question (DO and CD included), kept for their TTL (negative ones for
+    min(SOA TTL, SOA minimum), RFC 2308 5), least recently used evicted first. Pure: the time is
+    a parameter."""
 
     def __init__(self, size: int, negative_max: float) -> None:
         self._size = size
         self._negative_max = negative_max
-        self._entries: OrderedDict[tuple[tuple[bytes, ...], int, int], _Cached] = OrderedDict()
+        self._entries: OrderedDict[wire.Question, _Cached] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(
-        self, key: tuple[tuple[bytes, ...], int, int], now: float
-    ) -> tuple[DNSRecord, float, float] | None:
+    def get(self, key: wire.Question, now: float) -> tuple[DNSRecord, float, float] | None:
         """(record, age in seconds, seconds left) or None."""
         entry = self._entries.get(key)
         if entry is None:
@@ -87,9 +86,7 @@ class ForwardCache:
         self._entries.move_to_end(key)
         return entry.record, now - entry.stored, entry.expires - now
 
-    def put(
-        self, key: tuple[tuple[bytes, ...], int, int], record: DNSRecord, now: float
-    ) -> float | None:
+    def put(self, key: wire.Question, record: DNSRecord, now: float) -> float | None:
         """Keep a reply for as long as ``ttl_of`` allows; returns that (None: not kept)."""
         ttl = self.ttl_of(record)
         if ttl is None or ttl <= 0:
@@ -103,11 +100,11 @@ class ForwardCache:
     def ttl_of(self, record: DNSRecord) -> float | None:
         """How long a reply may be kept, or None when it must not be (errors, no SOA)."""
         rcode = record.header.rcode
-        answers = [rr for rr in record.rr if rr.rtype != wire.OPT]
-        if rcode == wire.NOERROR and answers:
+        answers = [rr for rr in record.rr if rr.rtype != wire.Type.OPT]
+        if rcode == wire.Rcode.NOERROR and answers:
             return float(min(min(rr.ttl for rr in answers), FORWARD_MAX_TTL))
-        if rcode in (wire.NOERROR, wire.NXDOMAIN):
-            soas = [rr for rr in record.auth if rr.rtype == wire.SOA]
+        if rcode in (wire.Rcode.NOERROR, wire.Rcode.NXDOMAIN):
+            soas = [rr for rr in record.auth if rr.rtype == wire.Type.SOA]
             if not soas:
                 return None
             minimum = soas[0].rdata.times[4]
@@ -207,38 +204,46 @@ class Resolver:
         except wire.Malformed as exc:
             self.stats.malformed += 1
             logger.debug("malformed query: %s", exc)
-            if exc.header is None:
+            if exc.header is None or not allowed:  # an error reply is of no use to outsiders
                 self.stats.dropped += 1
                 return None
-            self.stats.answers[(0, wire.FORMERR)] += 1
-            return wire.header_reply(exc.header, wire.FORMERR)
-        if not allowed:
+            # An opcode we do not implement may come without a question (RFC 1035 4.1.1).
+            opcode = (exc.header[2] << 8 & wire.OPCODE_MASK) >> 11
+            rcode = wire.Rcode.FORMERR if opcode == wire.Opcode.QUERY else wire.Rcode.NOTIMP
+            self.stats.answers[(wire.NO_QUESTION, rcode)] += 1
+            return wire.header_reply(exc.header, rcode, ra=True)
+        if not allowed:  # nothing for it, recursion included (no RA)
             self.stats.refused += 1
-            return self._short(query, wire.REFUSED)
-        if query.opcode != 0:
-            return self._short(query, wire.NOTIMP)
+            return self._short(query, wire.Rcode.REFUSED, ra=False)
+        if query.opcode != wire.Opcode.QUERY:
+            return self._short(query, wire.Rcode.NOTIMP)
         if query.edns_version != 0:
-            return self._short(query, wire.BADVERS)
-        if query.qclass not in (wire.CLASS_IN, wire.ANY) or query.qtype in (wire.AXFR, wire.IXFR):
+            return self._short(query, wire.Rcode.BADVERS)
+        if query.qclass not in (wire.Class.IN, wire.Class.ANY) or query.qtype in (
+            wire.Type.AXFR,
+            wire.Type.IXFR,
+        ):
             self.stats.refused += 1
-            return self._short(query, wire.REFUSED)
+            return self._short(query, wire.Rcode.REFUSED)
         index = self._index
         if index is None or index.version != snap.version:
             index = self._index = ZoneIndex(snap, self.settings)
         key = None if tcp else data[2:]
         result = index.lookup(query.labels, query.qtype)
         if result is not None:
-            return self._finish(query, self._build(query, result, aa=True), tcp, key, _NEVER)
-        if query.qtype == wire.ANY:  # RFC 8482: no forwarding, a synthesized HINFO
-            hinfo = RR(DNSLabel(query.labels), wire.HINFO, ttl=3600, rdata=_HINFO_RFC8482)
-            reply = self._build(query, Result(wire.NOERROR, answer=(hinfo,)), aa=False)
-            return self._finish(query, reply, tcp, key, _NEVER)
-        cached = self.forward_cache.get((query.labels, query.qtype, query.qclass), now)
+            reply = self._build(query, result, aa=True)
+            return self._finish(query, reply, result.rcode, tcp, key, _NEVER)
+        if query.qtype == wire.Type.ANY:  # RFC 8482: no forwarding, a synthesized HINFO
+            hinfo = RR(DNSLabel(query.labels), wire.Type.HINFO, ttl=3600, rdata=_HINFO_RFC8482)
+            reply = self._build(query, Result(wire.Rcode.NOERROR, answer=(hinfo,)), aa=False)
+            return self._finish(query, reply, wire.Rcode.NOERROR, tcp, key, _NEVER)
+        cached = self.forward_cache.get(query.forward_question, now)
         if cached is not None:
             record, age, left = cached
             self.stats.forward_cache_hits += 1
-            reply = self._relay(query, record, int(age))
-            return self._finish(query, reply, tcp, key, now + min(FORWARD_FRESH, left))
+            reply = self._relay(query, record, int(age), left)
+            expires = now + min(FORWARD_FRESH, left)
+            return self._finish(query, reply, wire.rcode_of(reply), tcp, key, expires)
         return Forward(query, tcp, key)
 
     def forwarded(self, request: Forward, upstream: bytes | None, now: float) -> bytes:
@@ -246,26 +251,33 @@ class Resolver:
         query = request.query
         if upstream is None:
             self.stats.forward_failures += 1
-            return self._short(query, wire.SERVFAIL)
+            return self._short(query, wire.Rcode.SERVFAIL)
         try:
             record = DNSRecord.parse(upstream)
         except Exception:  # dnslib raises many kinds on garbage; an upstream's garbage is a count
             self.stats.forward_failures += 1
             logger.debug("unreadable upstream reply for %s", query.name)
-            return self._short(query, wire.SERVFAIL)
+            return self._short(query, wire.Rcode.SERVFAIL)
         ttl = self.forward_cache.put(request.question, record, now)
-        reply = self._relay(query, record, 0)
+        reply = self._relay(query, record, 0, ttl)
         expires = now + min(FORWARD_FRESH, ttl) if ttl else 0.0
-        return self._finish(query, reply, request.tcp, request.key, expires)
+        return self._finish(query, reply, wire.rcode_of(reply), request.tcp, request.key, expires)
 
     def _finish(
-        self, query: wire.Query, reply: bytes, tcp: bool, key: bytes | None, expires: float
+        self,
+        query: wire.Query,
+        reply: bytes,
+        rcode: int,
+        tcp: bool,
+        key: bytes | None,
+        expires: float,
     ) -> bytes:
         """Truncate for UDP when needed, count, and keep the prepared reply."""
         if not tcp and len(reply) > query.udp_limit():
             self.stats.truncated += 1
-            reply = wire.short_reply(query, reply[3] & 0xF, aa=bool(reply[2] & 0x04), tc=True)
-        stat = (query.qtype, reply[3] & 0xF)
+            aa = bool(reply[2] & (wire.AA >> 8))
+            reply = wire.short_reply(query, rcode, ra=True, aa=aa, tc=True)
+        stat = (query.qtype, rcode)
         self.stats.answers[stat] += 1
         if key is not None and expires > 0:
             if len(self._fast) >= self._cache_size:
@@ -273,9 +285,9 @@ class Resolver:
             self._fast[key] = (expires, reply[2:], stat)
         return reply
 
-    def _short(self, query: wire.Query, rcode: int) -> bytes:
-        self.stats.answers[(query.qtype, rcode & 0xF)] += 1
-        return wire.short_reply(query, rcode)
+    def _short(self, query: wire.Query, rcode: int, ra: bool = True) -> bytes:
+        self.stats.answers[(query.qtype, rcode)] += 1
+        return wire.short_reply(query, rcode, ra=ra)
 
     def _build(self, query: wire.Query, result: Result, aa: bool) -> bytes:
         record = DNSRecord(
@@ -287,28 +299,36 @@ class Resolver:
         )
         return self._pack(query, record)
 
-    def _relay(self, query: wire.Query, upstream: DNSRecord, age: int) -> bytes:
-        def aged(records: Sequence[RR]) -> list[RR]:
+    def _relay(self, query: wire.Query, upstream: DNSRecord, age: int, left: float | None) -> bytes:
+        """The upstream's reply for this client, TTLs counted down by ``age``. In a negative
+        answer the authority records (the SOA, NSEC with DO) say how long it may still be kept:
+        what is ``left`` of min(SOA TTL, SOA minimum) (RFC 2308 5, RFC 9077), not their own."""
+
+        def aged(records: Sequence[RR], cap: int = FORWARD_MAX_TTL) -> list[RR]:
             return [
-                RR(rr.rname, rr.rtype, rr.rclass, max(0, rr.ttl - age), rr.rdata)
+                RR(rr.rname, rr.rtype, rr.rclass, max(0, min(rr.ttl - age, cap)), rr.rdata)
                 for rr in records
-                if rr.rtype != wire.OPT
+                if rr.rtype != wire.Type.OPT
             ]
 
+        rcode = upstream.header.rcode & 0xF
+        answers = aged(upstream.rr)
+        negative = rcode == wire.Rcode.NXDOMAIN or (rcode == wire.Rcode.NOERROR and not answers)
+        cap = int(left) if negative and left is not None else FORWARD_MAX_TTL
         record = DNSRecord(
-            DNSHeader(id=query.id, qr=1, aa=0, ra=1, rcode=upstream.header.rcode & 0xF),
+            DNSHeader(id=query.id, qr=1, aa=0, ra=1, rcode=rcode),
             q=DNSQuestion(DNSLabel(query.labels), query.qtype, query.qclass),
-            rr=aged(upstream.rr),
-            auth=aged(upstream.auth),
+            rr=answers,
+            auth=aged(upstream.auth, cap),
             ar=aged(upstream.ar),
         )
         return self._pack(query, record)
 
     def _pack(self, query: wire.Query, record: DNSRecord) -> bytes:
         record.header.rd = 1 if query.flags & wire.RD else 0
-        if query.payload is not None:
-            record.add_ar(EDNS0(udp_len=wire.OUR_UDP_PAYLOAD))
+        record.header.cd = 1 if query.flags & wire.CD else 0
         packed = bytes(record.pack())
         # Echo the question exactly as asked (same length; only letter case can differ).
         start = wire.HEADER.size
-        return packed[:start] + query.question + packed[start + len(query.question) :]
+        packed = packed[:start] + query.question + packed[start + len(query.question) :]
+        return wire.with_opt(packed, query)

@@ -1,7 +1,8 @@
 """Forwarding to upstream resolvers: which upstreams (config, else the host's /etc/resolv.conf,
 never this server itself), and the asyncio client that asks them: UDP from a fresh random port
-with a random id, TCP retry when the reply is truncated, one deadline for all attempts, identical
-questions in flight coalesced, a cap on questions in flight. Caching is core.py's job; this
+with a random id, TCP retry when the reply is truncated, the next upstream when one fails or
+answers FORMERR, SERVFAIL, NOTIMP or REFUSED, one deadline for all attempts, identical questions
+in flight coalesced, a cap on questions in flight. Caching is core.py's job; this
 module only moves bytes and never touches the registry."""
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ from stablenet.units import parse_hostport
 
 logger = logging.getLogger(__name__)
 
-Question = tuple[tuple[bytes, ...], int, int]
+Question = wire.Question
+# Answers that say "not this upstream": the next one is asked; only when every upstream failed
+# does the client get SERVFAIL.
+_TRY_NEXT = frozenset(
+    (wire.Rcode.FORMERR, wire.Rcode.SERVFAIL, wire.Rcode.NOTIMP, wire.Rcode.REFUSED)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,13 +140,12 @@ class Forwarder:
     async def _ask_upstreams(self, question: Question) -> bytes | None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
-        labels, qtype, qclass = question
         for index, upstream in enumerate(self.upstreams):
             budget = (deadline - loop.time()) / (len(self.upstreams) - index)
             if budget <= 0:
                 break
             qid = secrets.randbits(16)
-            query = wire.encode_query(qid, labels, qtype, qclass)
+            query = wire.encode_query(qid, *question)
             section = query[wire.HEADER.size : -len(wire.opt_record())]
             try:
                 async with asyncio.timeout(budget):
@@ -150,9 +155,13 @@ class Forwarder:
             except (TimeoutError, OSError) as exc:
                 logger.debug("upstream %s: %s", upstream, exc or type(exc).__name__)
                 continue
-            if reply is not None:
+            if reply is None:
+                logger.debug("upstream %s refused the connection", upstream)
+            elif wire.rcode_of(reply) in _TRY_NEXT:
+                self.stats.upstream_errors += 1
+                logger.debug("upstream %s answered rcode %d", upstream, wire.rcode_of(reply))
+            else:
                 return reply
-            logger.debug("upstream %s refused the connection", upstream)
         return None
 
     async def _udp(

@@ -1,8 +1,9 @@
 """The DNS server: UDP and TCP listeners on every `[dns] listen` address, as one async context
 manager. It only moves bytes between sockets and the pure Resolver (core.py), and asks upstreams
-through the Forwarder when the resolver says so. It owns the forwarding tasks and the Docker
-networks refresh (for `allow = ["docker"]`), and cancels them on close. Nothing here talks to
-Docker directly: the daemon passes a callable that lists the engine's networks."""
+through the Forwarder when the resolver says so; TCP connections are tcp.py's. It owns the
+forwarding tasks and the Docker networks refresh (for `allow = ["docker"]`), and cancels them on
+close. Nothing here talks to Docker directly: the daemon passes a callable that lists the
+engine's networks."""
 
 from __future__ import annotations
 
@@ -11,17 +12,16 @@ import contextlib
 import dataclasses
 import ipaddress
 import logging
-import struct
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 from stablenet.config import DnsConfig
-from stablenet.dns import wire
 from stablenet.dns.core import Forward, Network, Resolver
 from stablenet.dns.forward import Forwarder, parse_upstream, resolv_conf_upstreams, without_self
 from stablenet.dns.stats import DnsStats
+from stablenet.dns.tcp import TcpFrontend, TcpLimits
 from stablenet.dns.zone import ZoneSettings
 from stablenet.errors import StartupError
 from stablenet.lifecycle import Server
@@ -31,8 +31,6 @@ from stablenet.units import parse_hostport, parse_network
 logger = logging.getLogger(__name__)
 
 DOCKER = "docker"  # in dns.listen: the engine's default bridge gateway; in dns.allow: its subnets
-TCP_IDLE = 10.0  # seconds a TCP client may stay silent between queries
-TCP_MAX_CLIENTS = 256
 NETWORKS_REFRESH_MIN = 2.0  # seconds between two listings of the engine's networks
 
 
@@ -99,7 +97,7 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 
     async def _forward(self, request: Forward, addr: tuple[str | Any, ...]) -> None:
         reply = await self._server.forward(request)
-        if self.transport is not None and not self.transport.is_closing():
+        if reply is not None and self.transport is not None and not self.transport.is_closing():
             self.transport.sendto(reply, addr)
 
     def error_received(self, exc: Exception) -> None:
@@ -116,6 +114,7 @@ class DnsServer(Server):
         engine: EngineLookup | None = None,
         stats: DnsStats | None = None,
         resolv_conf: Path = Path("/etc/resolv.conf"),
+        tcp_limits: TcpLimits | None = None,
     ) -> None:
         super().__init__()
         self.registry = registry
@@ -136,7 +135,11 @@ class DnsServer(Server):
         self.bound: list[tuple[str, int]] = []
         self._udp: list[asyncio.DatagramTransport] = []
         self._tcp: list[asyncio.Server] = []
-        self._tcp_clients: set[asyncio.StreamWriter] = set()
+        if tcp_limits is None:
+            tcp_limits = TcpLimits(
+                connections=config.tcp_connections, per_client=config.tcp_per_client
+            )
+        self.tcp = TcpFrontend(self.resolver, registry, self.forward, self.stats, tcp_limits)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -208,7 +211,7 @@ class DnsServer(Server):
             )
             self._udp.append(transport)
             server = await asyncio.start_server(
-                self._tcp_client, host, port, reuse_address=True, backlog=256
+                self.tcp, host, port, reuse_address=True, backlog=256
             )
             self._tcp.append(server)
         except OSError as exc:
@@ -223,8 +226,7 @@ class DnsServer(Server):
             transport.close()
         for server in self._tcp:
             server.close()
-        for writer in list(self._tcp_clients):
-            writer.close()
+        self.tcp.close_all()
         await self.cancel_tasks()
         for server in self._tcp:
             with contextlib.suppress(TimeoutError):
@@ -259,47 +261,19 @@ class DnsServer(Server):
 
     # -- forwarding and TCP -------------------------------------------------------------------
 
-    async def forward(self, request: Forward) -> bytes:
+    async def forward(self, request: Forward) -> bytes | None:
+        """The client's reply to a forwarded question; None only when a bug lost it."""
         try:
             upstream = await self.forwarder.ask(request.question)
         except Exception:
             logger.exception("DNS forwarding of %s failed", request.query.name)
             upstream = None
-        return self.resolver.forwarded(request, upstream, asyncio.get_running_loop().time())
-
-    async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._tcp_clients) >= TCP_MAX_CLIENTS:
-            writer.close()
-            return
-        self._tcp_clients.add(writer)
-        peer = writer.get_extra_info("peername")
-        client = str(peer[0]) if peer else ""
-        loop = asyncio.get_running_loop()
         try:
-            while True:
-                async with asyncio.timeout(TCP_IDLE):
-                    size = struct.unpack("!H", await reader.readexactly(2))[0]
-                    data = await reader.readexactly(size)
-                try:
-                    out = self.resolver.tcp(data, client, self.registry.snapshot, loop.time())
-                    if isinstance(out, Forward):
-                        out = await self.forward(out)
-                except Exception:
-                    self.stats.internal_errors += 1
-                    logger.exception("DNS query over TCP from %s failed", client)
-                    return
-                if out is None:
-                    if len(data) < wire.HEADER.size:
-                        return  # not even a header: nothing more will make sense
-                    continue
-                writer.write(struct.pack("!H", len(out)) + out)
-                async with asyncio.timeout(TCP_IDLE):  # a client that never reads is dropped
-                    await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            self._tcp_clients.discard(writer)
-            writer.close()
+            return self.resolver.forwarded(request, upstream, asyncio.get_running_loop().time())
+        except Exception:  # a bug must cost one query, never the server
+            self.stats.internal_errors += 1
+            logger.exception("DNS reply to %s failed", request.query.name)
+            return None
 
 
 def gateway_of(subnet: str) -> str:

@@ -1,12 +1,24 @@
 """DNS wire format, the small part the hot path needs: read a query's header, question and EDNS0
 OPT record without building objects, and write the short replies (errors, truncation) by hand.
 Pure functions over bytes; no sockets, no clocks, no registry. Building full answers is zone.py's
-job (with dnslib)."""
+job (with dnslib).
+
+Header bits in replies (RFC 1035 4.1.1, RFC 4035 3.2.2, RFC 6891, RFC 3225), one rule for every
+reply this server writes:
+  * QR set, the opcode copied; for the QUERY opcode RD and CD are copied, RA is set only when
+    recursion is offered to this client (never to one outside dns.allow), AA on zone answers;
+  * for any other opcode (answered NOTIMP) the other bits are left clear: their meaning belongs
+    to that opcode (UPDATE calls them Z);
+  * the header's Z bit and unknown EDNS flags are never echoed; the DO bit is (RFC 3225 3);
+  * the OPT record, when the query had one, is version 0, our payload size, no options, and
+    carries the upper bits of an extended rcode (BADVERS)."""
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from enum import IntEnum
+from typing import NamedTuple
 
 HEADER = struct.Struct("!HHHHHH")
 _TYPE_CLASS = struct.Struct("!HH")
@@ -18,61 +30,78 @@ AA = 0x0400
 TC = 0x0200
 RD = 0x0100
 RA = 0x0080
+Z = 0x0040
+AD = 0x0020
+CD = 0x0010
 OPCODE_MASK = 0x7800
+EDNS_DO = 0x8000  # the DNSSEC OK bit, in the OPT record's flags (RFC 3225)
 
-# Response codes.
-NOERROR = 0
-FORMERR = 1
-SERVFAIL = 2
-NXDOMAIN = 3
-NOTIMP = 4
-REFUSED = 5
-BADVERS = 16  # extended (EDNS0) rcode: upper 8 bits travel in the OPT record
 
-# Types and classes used here.
-A = 1
-NS = 2
-SOA = 6
-PTR = 12
-HINFO = 13
-AAAA = 28
-SRV = 33
-OPT = 41
-AXFR = 252
-IXFR = 251
-ANY = 255
-CLASS_IN = 1
+class Opcode(IntEnum):
+    QUERY = 0
+    IQUERY = 1
+    STATUS = 2
+    NOTIFY = 4
+    UPDATE = 5
+    DSO = 6
+
+
+class Rcode(IntEnum):
+    NOERROR = 0
+    FORMERR = 1
+    SERVFAIL = 2
+    NXDOMAIN = 3
+    NOTIMP = 4
+    REFUSED = 5
+    BADVERS = 16  # extended (EDNS0): the upper 8 bits travel in the OPT record
+
+
+class Type(IntEnum):
+    A = 1
+    NS = 2
+    CNAME = 5
+    SOA = 6
+    PTR = 12
+    HINFO = 13
+    MX = 15
+    TXT = 16
+    AAAA = 28
+    SRV = 33
+    OPT = 41
+    DS = 43
+    RRSIG = 46
+    NSEC = 47
+    DNSKEY = 48
+    SVCB = 64
+    HTTPS = 65
+    IXFR = 251
+    AXFR = 252
+    ANY = 255
+
+
+class Class(IntEnum):
+    IN = 1
+    CH = 3
+    ANY = 255
+
 
 MIN_UDP_PAYLOAD = 512
 OUR_UDP_PAYLOAD = 1232  # the size the DNS flag day 2020 recommends: no IP fragmentation
+NO_QUESTION = -1  # the "qtype" counted for replies to packets whose question could not be read
 
-RCODE_NAMES = {
-    NOERROR: "NOERROR",
-    FORMERR: "FORMERR",
-    SERVFAIL: "SERVFAIL",
-    NXDOMAIN: "NXDOMAIN",
-    NOTIMP: "NOTIMP",
-    REFUSED: "REFUSED",
-    BADVERS: "BADVERS",
-}
-TYPE_NAMES = {
-    A: "A",
-    NS: "NS",
-    SOA: "SOA",
-    PTR: "PTR",
-    HINFO: "HINFO",
-    AAAA: "AAAA",
-    SRV: "SRV",
-    OPT: "OPT",
-    AXFR: "AXFR",
-    IXFR: "IXFR",
-    ANY: "ANY",
-    5: "CNAME",
-    15: "MX",
-    16: "TXT",
-    64: "SVCB",
-    65: "HTTPS",
-}
+_TYPE_NAMES = {t.value: t.name for t in Type}
+_RCODE_NAMES = {r.value: r.name for r in Rcode}
+
+
+def type_name(qtype: int) -> str:
+    """'A', 'TYPE666' (RFC 3597 form), or 'none' for a reply without a question."""
+    if qtype == NO_QUESTION:
+        return "none"
+    return _TYPE_NAMES.get(qtype) or f"TYPE{qtype}"
+
+
+def rcode_name(rcode: int) -> str:
+    return _RCODE_NAMES.get(rcode) or f"RCODE{rcode}"
 
 
 class Malformed(Exception):
@@ -88,6 +117,17 @@ class NotAQuery(Exception):
     """The packet is a response (QR set): never answered, so two servers cannot loop."""
 
 
+class Question(NamedTuple):
+    """What is asked upstream, and the forward cache's key: the DNSSEC bits change the answer
+    (DO adds signatures, CD lets through what validation would reject)."""
+
+    labels: tuple[bytes, ...]
+    qtype: int
+    qclass: int
+    do: bool = False
+    cd: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class Query:
     """One parsed question. ``labels`` are lower-cased for lookups; ``question`` keeps the bytes
@@ -101,15 +141,30 @@ class Query:
     question: bytes  # wire bytes of the question section: name, type, class
     payload: int | None  # the client's EDNS0 UDP payload size, None without OPT
     edns_version: int = 0
+    edns_flags: int = 0  # the 16 flag bits of the OPT record (DO and the unknown Z bits)
 
     @property
     def opcode(self) -> int:
         return (self.flags & OPCODE_MASK) >> 11
 
     @property
+    def do(self) -> bool:
+        """DNSSEC OK: the client wants DNSSEC records (forwarded on, echoed back)."""
+        return bool(self.edns_flags & EDNS_DO)
+
+    @property
+    def cd(self) -> bool:
+        """Checking Disabled: the client validates itself (forwarded on, echoed back)."""
+        return bool(self.flags & CD)
+
+    @property
     def name(self) -> str:
         """The name as text, lower-case, no trailing dot ('' is the root)."""
         return ".".join(label.decode("ascii", "backslashreplace") for label in self.labels)
+
+    @property
+    def forward_question(self) -> Question:
+        return Question(self.labels, self.qtype, self.qclass, self.do, self.cd)
 
     def udp_limit(self) -> int:
         """The largest UDP reply this client accepts."""
@@ -180,6 +235,7 @@ def parse_query(data: bytes) -> Query:
         question = data[HEADER.size : offset]
         payload: int | None = None
         version = 0
+        edns_flags = 0
         for index in range(ancount + nscount + arcount):
             offset = skip_name(data, offset)
             if offset + _RR_FIXED.size > len(data):
@@ -188,11 +244,12 @@ def parse_query(data: bytes) -> Query:
             offset += _RR_FIXED.size + rdlength
             if offset > len(data):
                 raise ValueError("record data runs past the end of the packet")
-            if rtype == OPT:
+            if rtype == Type.OPT:
                 if index < ancount + nscount or payload is not None:
                     raise ValueError("OPT record misplaced or repeated")
                 payload = rclass
                 version = (ttl >> 16) & 0xFF
+                edns_flags = ttl & 0xFFFF
     except (ValueError, struct.error) as exc:
         raise Malformed(str(exc), header) from None
     return Query(
@@ -204,17 +261,26 @@ def parse_query(data: bytes) -> Query:
         question=question,
         payload=payload,
         edns_version=version,
+        edns_flags=edns_flags,
     )
 
 
-def opt_record(payload: int = OUR_UDP_PAYLOAD, ext_rcode: int = 0) -> bytes:
-    """An OPT pseudo-record advertising our UDP payload size (no options)."""
-    return b"\x00" + _RR_FIXED.pack(OPT, payload, (ext_rcode & 0xFF) << 24, 0)
+def opt_record(payload: int = OUR_UDP_PAYLOAD, ext_rcode: int = 0, do: bool = False) -> bytes:
+    """An OPT pseudo-record: our UDP payload size, version 0, no options, the DO bit when asked
+    (RFC 3225: echoed from the query), the upper bits of an extended rcode."""
+    ttl = (ext_rcode & 0xFF) << 24 | (EDNS_DO if do else 0)
+    return b"\x00" + _RR_FIXED.pack(Type.OPT, payload, ttl, 0)
 
 
-def reply_flags(query_flags: int, rcode: int, aa: bool = False, tc: bool = False) -> int:
-    """Reply flags: QR, the query's opcode and RD, RA, and the low four bits of the rcode."""
-    flags = QR | RA | (query_flags & (OPCODE_MASK | RD)) | (rcode & 0xF)
+def reply_flags(query_flags: int, rcode: int, ra: bool, aa: bool = False, tc: bool = False) -> int:
+    """Reply header flags by the rule in the module docstring; ``ra``: recursion is offered to
+    this client."""
+    flags = QR | (query_flags & OPCODE_MASK) | (rcode & 0xF)
+    if query_flags & OPCODE_MASK:  # not QUERY: the remaining bits are the opcode's own
+        return flags
+    flags |= query_flags & (RD | CD)
+    if ra:
+        flags |= RA
     if aa:
         flags |= AA
     if tc:
@@ -222,32 +288,49 @@ def reply_flags(query_flags: int, rcode: int, aa: bool = False, tc: bool = False
     return flags
 
 
-def short_reply(query: Query, rcode: int, aa: bool = False, tc: bool = False) -> bytes:
+def short_reply(query: Query, rcode: int, ra: bool, aa: bool = False, tc: bool = False) -> bytes:
     """A reply with the question and no records: errors and truncated answers. Carries an OPT
     record when the query had one (the extended rcode bits go there)."""
     edns = query.payload is not None
-    head = HEADER.pack(query.id, reply_flags(query.flags, rcode, aa, tc), 1, 0, 0, 1 if edns else 0)
-    tail = opt_record(ext_rcode=rcode >> 4) if edns else b""
+    flags = reply_flags(query.flags, rcode, ra, aa, tc)
+    head = HEADER.pack(query.id, flags, 1, 0, 0, 1 if edns else 0)
+    tail = opt_record(ext_rcode=rcode >> 4, do=query.do) if edns else b""
     return head + query.question + tail
 
 
-def header_reply(header: bytes, rcode: int) -> bytes:
+def header_reply(header: bytes, rcode: int, ra: bool) -> bytes:
     """A reply to a query whose question could not be read: the header only."""
     qid, flags, *_ = HEADER.unpack(header)
-    return HEADER.pack(qid, reply_flags(flags, rcode), 0, 0, 0, 0)
+    return HEADER.pack(qid, reply_flags(flags, rcode, ra), 0, 0, 0, 0)
+
+
+def with_opt(packed: bytes, query: Query) -> bytes:
+    """A packed reply (no OPT yet) with our OPT record appended when the query had one."""
+    if query.payload is None:
+        return packed
+    arcount = (packed[10] << 8 | packed[11]) + 1
+    return packed[:10] + arcount.to_bytes(2, "big") + packed[12:] + opt_record(do=query.do)
 
 
 def encode_name(labels: tuple[bytes, ...]) -> bytes:
     return b"".join(bytes((len(label),)) + label for label in labels) + b"\x00"
 
 
-def encode_query(qid: int, labels: tuple[bytes, ...], qtype: int, qclass: int) -> bytes:
-    """A recursive query with an EDNS0 record (what the forwarder sends upstream)."""
+def encode_query(
+    qid: int,
+    labels: tuple[bytes, ...],
+    qtype: int,
+    qclass: int,
+    do: bool = False,
+    cd: bool = False,
+) -> bytes:
+    """A recursive query with an EDNS0 record (what the forwarder sends upstream), passing on the
+    client's DO and CD bits."""
     return (
-        HEADER.pack(qid, RD, 1, 0, 0, 1)
+        HEADER.pack(qid, RD | (CD if cd else 0), 1, 0, 0, 1)
         + encode_name(labels)
         + _TYPE_CLASS.pack(qtype, qclass)
-        + opt_record()
+        + opt_record(do=do)
     )
 
 
@@ -265,3 +348,8 @@ def answers_query(reply: bytes, qid: int, question: bytes) -> bool:
 
 def truncated(reply: bytes) -> bool:
     return len(reply) >= 4 and bool(reply[2] & (TC >> 8))
+
+
+def rcode_of(reply: bytes) -> int:
+    """The header's four rcode bits (the extended ones would be in an OPT record)."""
+    return reply[3] & 0xF if len(reply) >= 4 else Rcode.SERVFAIL

@@ -31,7 +31,14 @@ from stablenet.registry import Snapshot
 
 NS_TTL = 3600  # the apex records never change while the daemon runs
 _GLUE = -1  # pseudo-type under which an SRV node keeps its targets' addresses
-_ANY_ORDER = (wire.A, wire.AAAA, wire.SRV, wire.PTR, wire.SOA, wire.NS)
+_ANY_ORDER = (
+    wire.Type.A,
+    wire.Type.AAAA,
+    wire.Type.SRV,
+    wire.Type.PTR,
+    wire.Type.SOA,
+    wire.Type.NS,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +83,7 @@ class ZoneIndex:
         ptr: Names = {}
         self.soa = RR(
             self._apex,
-            wire.SOA,
+            wire.Type.SOA,
             ttl=settings.negative_ttl,
             rdata=SOA(
                 self._apex,
@@ -85,8 +92,8 @@ class ZoneIndex:
             ),
         )
         apex = names[()]
-        apex[wire.SOA] = [self.soa]
-        apex[wire.NS] = [RR(self._apex, wire.NS, ttl=NS_TTL, rdata=NS_RD(self._apex))]
+        apex[wire.Type.SOA] = [self.soa]
+        apex[wire.Type.NS] = [RR(self._apex, wire.Type.NS, ttl=NS_TTL, rdata=NS_RD(self._apex))]
         _add_addresses(apex, self._apex, settings.own_addresses, NS_TTL)
 
         services: set[tuple[bytes, ...]] = set()
@@ -139,10 +146,10 @@ class ZoneIndex:
             srv_rel = (b"_%d" % ep.port, b"_tcp", *rel)
             target_name = self._owner(target)
             node = names.setdefault(srv_rel, {})
-            node.setdefault(wire.SRV, []).append(
+            node.setdefault(wire.Type.SRV, []).append(
                 RR(
                     self._owner(srv_rel),
-                    wire.SRV,
+                    wire.Type.SRV,
                     ttl=ttl,
                     rdata=SRV(0, max(0, min(ep.weight, 0xFFFF)), ep.port, target_name),
                 )
@@ -164,14 +171,14 @@ class ZoneIndex:
             if node is None:
                 return None
         if node is None:
-            return Result(wire.NXDOMAIN, authority=(self.soa,))
-        if qtype == wire.ANY:  # RFC 8482: one RRset is enough
-            qtype = next((t for t in _ANY_ORDER if node.get(t)), wire.ANY)
+            return Result(wire.Rcode.NXDOMAIN, authority=(self.soa,))
+        if qtype == wire.Type.ANY:  # RFC 8482: one RRset is enough
+            qtype = next((t for t in _ANY_ORDER if node.get(t)), wire.Type.ANY)
         records = node.get(qtype)
         if not records:
-            return Result(wire.NOERROR, authority=(self.soa,))
-        extra = tuple(node.get(_GLUE, ())) if qtype == wire.SRV else ()
-        return Result(wire.NOERROR, answer=tuple(records), additional=extra)
+            return Result(wire.Rcode.NOERROR, authority=(self.soa,))
+        extra = tuple(node.get(_GLUE, ())) if qtype == wire.Type.SRV else ()
+        return Result(wire.Rcode.NOERROR, answer=tuple(records), additional=extra)
 
 
 def _opt(value: str | None) -> tuple[str, ...]:
@@ -196,19 +203,21 @@ def _add_addresses(
         except ValueError:
             continue
         if ip.version == 4:
-            node.setdefault(wire.A, []).append(RR(owner, wire.A, ttl=ttl, rdata=A_RD(str(ip))))
+            node.setdefault(wire.Type.A, []).append(
+                RR(owner, wire.Type.A, ttl=ttl, rdata=A_RD(str(ip)))
+            )
         else:
-            node.setdefault(wire.AAAA, []).append(
-                RR(owner, wire.AAAA, ttl=ttl, rdata=AAAA_RD(str(ip)))
+            node.setdefault(wire.Type.AAAA, []).append(
+                RR(owner, wire.Type.AAAA, ttl=ttl, rdata=AAAA_RD(str(ip)))
             )
 
 
 def _add_ptr(ptr: Names, address: str, target: DNSLabel, ttl: int) -> None:
     name = _reverse(address)
     if name:
-        records = ptr.setdefault(name, {}).setdefault(wire.PTR, [])
+        records = ptr.setdefault(name, {}).setdefault(wire.Type.PTR, [])
         if not any(rr.rdata.label == target for rr in records):
-            records.append(RR(DNSLabel(name), wire.PTR, ttl=ttl, rdata=PTR_RD(target)))
+            records.append(RR(DNSLabel(name), wire.Type.PTR, ttl=ttl, rdata=PTR_RD(target)))
 
 
 def _relative(name: str) -> tuple[bytes, ...] | None:
