@@ -239,23 +239,31 @@ class Replicas:
         self.ownership = Ownership()
         self.ids: set[str] = set()
         self._serial = 0
-        self._stream = client.api.events(
-            decode=True, filters={"type": ["container"], "label": [f"fo.prefix={prefix}"]}
-        )
+        self._connected: dict[str, float] = {}  # container id -> when it joined the network
+        self._stream = client.api.events(decode=True, filters={"type": ["container", "network"]})
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
         with contextlib.suppress(Exception):
             for event in self._stream:
-                cid = event["Actor"]["ID"]
                 at = event["timeNano"] / 1e9
                 action = event.get("Action", "")
-                if action == "start" and event["Actor"]["Attributes"].get("fo.role") == "replica":
+                attributes = event["Actor"].get("Attributes", {})
+                if event.get("Type") == "network":
+                    # A container holds its address from the moment it joins the network,
+                    # which is before its start event: the engine may be asked about it then.
+                    if action == "connect" and event["Actor"]["ID"] == self.network.id:
+                        self._connected[attributes.get("container", "")] = at
+                    continue
+                if attributes.get("fo.prefix") != self.prefix:
+                    continue
+                cid = event["Actor"]["ID"]
+                if action == "start" and attributes.get("fo.role") == "replica":
                     with contextlib.suppress(docker.errors.APIError):
                         info = self.client.api.inspect_container(cid)
                         ip = info["NetworkSettings"]["Networks"][self.network.name]["IPAddress"]
-                        self.ownership.start(cid, ip, at)
+                        self.ownership.start(cid, ip, self._connected.pop(cid, at))
                         self.starts.append((at, cid))
                 elif action == "die":
                     self.ownership.end(cid, at)
