@@ -73,6 +73,16 @@ def _int_at_least(minimum: int, maximum: int | None = None) -> Parser:
     return parse
 
 
+def _count_or_auto(value: Any) -> int:
+    """A whole number >= 1, or 0 / "auto" (returned as 0) for a default the code derives."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return 0
+    try:
+        return int(_int_at_least(0)(value))
+    except ValueError:
+        raise ValueError('expected a whole number >= 1, or "auto" (or 0) for the default') from None
+
+
 def _positive_duration(value: Any) -> float:
     seconds = parse_duration(value)
     if seconds <= 0:
@@ -207,6 +217,8 @@ class ProxyConfig:
     retry_budget: int = _opt(20, _int_at_least(0))
     send_timeout: float = _opt(30.0, _positive_duration)
     reuse_idle_non_idempotent: float = _opt(1.0, parse_duration)
+    max_connections: int = _opt(0, _count_or_auto)  # 0: from the descriptor limit
+    max_connections_per_source: int = _opt(0, _count_or_auto)  # 0: a quarter of the above
 
 
 @dataclass(frozen=True, slots=True)

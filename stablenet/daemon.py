@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -25,6 +26,30 @@ from stablenet.proxy.server import DRAIN_GRACE, no_stable
 from stablenet.registry import Registry
 
 logger = logging.getLogger(__name__)
+NR_OPEN = "/proc/sys/fs/nr_open"  # the kernel's ceiling for an unlimited RLIMIT_NOFILE
+
+
+def raise_descriptor_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (the proxy's connection budget is derived
+    from it) and log the limit in force, which is returned."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        try:
+            with open(NR_OPEN) as ceiling:
+                target = int(ceiling.read())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        logger.info("descriptor limit (RLIMIT_NOFILE): %d", soft)
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError) as exc:
+        logger.warning("descriptor limit (RLIMIT_NOFILE) stays %d: cannot raise it: %s", soft, exc)
+        return soft
+    logger.info("descriptor limit (RLIMIT_NOFILE) raised from %d to %d", soft, target)
+    return target
 
 
 class Daemon:
@@ -127,6 +152,7 @@ def install_signal_handlers(daemon: Daemon, main: asyncio.Task[Any]) -> None:
 
 async def serve(config: Config) -> None:
     """Run a daemon for this config until a signal stops it."""
+    raise_descriptor_limit()  # before the proxy derives its connection budget from it
     daemon = Daemon(config)
     main = asyncio.current_task()
     assert main is not None

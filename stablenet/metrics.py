@@ -22,6 +22,7 @@ from stablenet.health.state import Refusal
 from stablenet.histogram import Histogram
 from stablenet.model import State
 from stablenet.proxy import Proxy
+from stablenet.proxy.budget import Budget, Held
 from stablenet.registry import Registry
 
 
@@ -194,6 +195,35 @@ class Collector:
             "Time requests were held waiting for a ready endpoint, by service.",
             proxy.dispatcher.hold_time,
         )
+        yield from _budget_metrics(proxy.dispatcher.gate.budget)
+
+
+def _budget_metrics(budget: Budget[Held]) -> Iterable[Metric]:
+    """The proxy's connection budget: what it holds, its limits, what it refused or closed."""
+    yield GaugeMetricFamily(
+        "stablenet_proxy_connections",
+        "Client connections open (HTTP and TCP listeners).",
+        value=budget.open,
+    )
+    yield GaugeMetricFamily(
+        "stablenet_proxy_connections_idle",
+        "Keep-alive client connections with no request in flight.",
+        value=budget.idle_count,
+    )
+    limits = GaugeMetricFamily(
+        "stablenet_proxy_connections_limit", "Client connection limits.", labels=["limit"]
+    )
+    limits.add_metric(["max_connections"], budget.limits.total)
+    limits.add_metric(["max_connections_per_source"], budget.limits.per_source)
+    yield limits
+    for name, doc, counts in (
+        ("rejected", "Client connections refused, by the limit reached.", budget.refused),
+        ("closed_idle", "Idle connections closed to make room, by limit.", budget.closed_idle),
+    ):
+        family = CounterMetricFamily(f"stablenet_proxy_connections_{name}", doc, labels=["reason"])
+        for reason, count in counts.items():
+            family.add_metric([reason], count)
+        yield family
 
 
 def _histograms(name: str, doc: str, by_service: Mapping[str, Histogram]) -> Iterable[Metric]:

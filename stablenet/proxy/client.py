@@ -126,6 +126,8 @@ class ClientConnection:
         if peer:
             self.peer = str(peer[0]).encode()
         dispatcher = self.dispatcher
+        if not dispatcher.gate.accept(self, self.transport, dispatcher.loop.time()):
+            return  # over the connection budget: refused, and closed already
         dispatcher.clients.add(self)
         dispatcher.now = dispatcher.loop.time()
         self.deadline = dispatcher.now + dispatcher.header_timeout
@@ -194,6 +196,7 @@ class ClientConnection:
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.dispatcher.clients.discard(self)
+        self.dispatcher.gate.release(self)  # the connection budget
         for ex in self.queue:
             self._abandon(ex)
         self.queue.clear()
@@ -235,6 +238,7 @@ class ClientConnection:
     # -- llhttp callbacks ---------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self.dispatcher.gate.busy(self)  # the connection budget: no longer idle
         ex = Exchange(self)
         self.reading = ex
         self.queue.append(ex)
@@ -549,6 +553,7 @@ class ClientConnection:
         else:
             self.deadline = dispatcher.now + dispatcher.idle_timeout
             self.deadline_kind = DEADLINE_IDLE
+            dispatcher.gate.idle(self)  # the connection budget: may be closed to make room
 
     def response_head(
         self,

@@ -16,6 +16,7 @@ from stablenet.config import ProxyConfig
 from stablenet.histogram import Histogram
 from stablenet.model import Endpoint
 from stablenet.proxy.balance import Balancer, retry_backoff, sticky_token, target_of
+from stablenet.proxy.budget import Gate
 from stablenet.proxy.exchange import Exchange, Phase
 from stablenet.proxy.http1 import IDEMPOTENT
 from stablenet.proxy.retry import RetryBudget, reuse_ok
@@ -108,6 +109,8 @@ class Dispatcher:
         self.clients: set[ClientConnection] = set()
         self.upstreams: set[UpstreamConnection] = set()
         self.tcp_clients: set[TcpClient] = set()
+        # Client connections held, in all and per source; closes idle ones or refuses past it.
+        self.gate = Gate.for_config(config.max_connections, config.max_connections_per_source)
         self.pools: dict[tuple[str, str, int], list[UpstreamConnection]] = {}
         self.waiters: dict[str, list[Exchange]] = {}
         self.counters: dict[str, Counters] = {}

@@ -77,6 +77,10 @@ class TcpClient(_Pipe):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        if not self.dispatcher.gate.accept(
+            self, cast(asyncio.Transport, transport), self.dispatcher.loop.time()
+        ):
+            return  # over the connection budget: refused, and closed already
         cast(asyncio.Transport, transport).pause_reading()  # until joined to an endpoint
         self.dispatcher.tcp_clients.add(self)
         self.dispatcher.count(self.service).requests += 1
@@ -84,6 +88,7 @@ class TcpClient(_Pipe):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.dispatcher.tcp_clients.discard(self)
+        self.dispatcher.gate.release(self)  # the connection budget
         super().connection_lost(exc)
 
     async def _join(self) -> None:

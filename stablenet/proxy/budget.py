@@ -1,0 +1,293 @@
+"""The proxy's connection budget: how many client connections its listeners (HTTP and TCP) hold,
+in all and per source address, and what gives way when a new one arrives past a limit, so that a
+flood of connections can never take the descriptors the rest of the process needs.
+
+``Budget`` is the pure bookkeeping: no sockets, no clock of its own. ``Gate``, at the bottom, is
+the thin shell the listeners call on accept: it closes what the budget names and logs the
+budget's rate-limited warning. Rules, for a new connection from source S (an IPv4 address, or the
+/64 of an IPv6 address):
+
+1. S already holds ``max_connections_per_source``: close S's connection that has been idle
+   longest; none of S's is idle: refuse the new one (reason ``max_connections_per_source``).
+2. all sources together hold ``max_connections``: close the connection idle longest, whoever
+   holds it; none is idle: refuse (reason ``max_connections``).
+
+Only connections marked idle are ever closed to make room: an HTTP keep-alive connection between
+requests (nothing in flight, so closing it loses nothing). A connection is busy from its accept
+until its first request is answered, and from the first byte of each request on; a TCP
+connection is never idle.
+
+Defaults (0 or "auto") follow the descriptor limit (RLIMIT_NOFILE, which the daemon raises to its
+hard limit at start): a quarter of it, at most RESERVE_MAX, is kept for everything that is not a
+client connection (admin API, DNS, health checks, listeners, the Docker API); half of the rest
+goes to client connections, since each one in use may hold a backend connection as well; and a
+source gets a quarter of that."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import resource
+from collections import OrderedDict
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+logger = logging.getLogger(__name__)
+
+RESERVE_MAX = 1024  # descriptors kept for the rest of the process, at most
+UNLIMITED_NOFILE = 1 << 20  # what an unlimited RLIMIT_NOFILE counts as
+WARN_EVERY = 10.0  # seconds between two warnings that a limit was reached
+TOTAL = "max_connections"
+PER_SOURCE = "max_connections_per_source"
+REASONS = (TOTAL, PER_SOURCE)
+
+C = TypeVar("C", bound=Hashable)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """How many client connections the proxy holds, in all and per source address."""
+
+    total: int
+    per_source: int
+    nofile: int  # the descriptor limit the defaults were taken from
+    derived: int  # what the descriptor limit allows for ``total``
+
+    @classmethod
+    def derive(cls, total: int, per_source: int, nofile: int) -> Limits:
+        """``total`` and ``per_source`` as configured, 0 meaning "from the descriptor limit"."""
+        if nofile < 0:
+            nofile = UNLIMITED_NOFILE
+        reserve = min(RESERVE_MAX, nofile // 4)
+        derived = max(1, (nofile - reserve) // 2)
+        total = total or derived
+        per_source = min(per_source or max(1, total // 4), total)
+        return cls(total, per_source, nofile, derived)
+
+
+def descriptor_limit() -> int:
+    """The process's soft RLIMIT_NOFILE now (-1 when unlimited)."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def source_of(address: str) -> str:
+    """The key a client's connections are counted under: its IPv4 address (also when written
+    as IPv4-mapped IPv6), or the /64 of its IPv6 address, since one host commonly holds a
+    whole /64."""
+    if ":" not in address:
+        return address
+    try:
+        ip = ipaddress.IPv6Address(address.partition("%")[0])
+    except ValueError:
+        return address
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, 64), strict=False))
+
+
+@dataclass(frozen=True, slots=True)
+class Admission(Generic[C]):
+    """What became of a new connection: admitted or not, the limit that was reached (empty when
+    none), and the idle connections to close to make room for it."""
+
+    admitted: bool
+    reason: str = ""
+    victims: tuple[C, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Pressure:
+    """What to warn about: connections refused and idle ones closed, by limit, since the last
+    warning, and the state now."""
+
+    refused: tuple[tuple[str, int], ...]
+    closed_idle: tuple[tuple[str, int], ...]
+    open: int
+    limits: Limits
+    busiest: tuple[str, int]  # the source holding most connections, and how many
+
+    def message(self) -> str:
+        def counts(pairs: tuple[tuple[str, int], ...]) -> str:
+            return ", ".join(f"{n} at {reason}" for reason, n in pairs if n) or "none"
+
+        return (
+            f"proxy connection limit reached: refused {counts(self.refused)}; "
+            f"closed idle {counts(self.closed_idle)}; now {self.open} client connections "
+            f"(max_connections {self.limits.total}, max_connections_per_source "
+            f"{self.limits.per_source}), most from {self.busiest[0] or '-'} ({self.busiest[1]})"
+        )
+
+
+class Budget(Generic[C]):
+    """The connections held, their sources, which are idle (idle longest first), and counts of
+    what was refused or closed. Connections are opaque hashable keys."""
+
+    def __init__(self, limits: Limits, warn_every: float = WARN_EVERY) -> None:
+        self.limits = limits
+        self.warn_every = warn_every
+        self.refused = dict.fromkeys(REASONS, 0)  # since start, by limit
+        self.closed_idle = dict.fromkeys(REASONS, 0)
+        self._source: dict[C, str] = {}
+        self._count: dict[str, int] = {}
+        self._idle: OrderedDict[C, str] = OrderedDict()  # idle longest first
+        self._idle_by: dict[str, OrderedDict[C, None]] = {}
+        self._refused_since = dict.fromkeys(REASONS, 0)  # since the last warning
+        self._closed_since = dict.fromkeys(REASONS, 0)
+        self._warned_at: float | None = None
+
+    @property
+    def open(self) -> int:
+        return len(self._source)
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    def held_by(self, source: str) -> int:
+        return self._count.get(source, 0)
+
+    def admit(self, conn: C, source: str) -> Admission[C]:
+        """Take a new connection from ``source``, closing the connection idle longest when a
+        limit is reached, or refuse it when none is idle."""
+        pool: Mapping[C, object] | None
+        if self._count.get(source, 0) >= self.limits.per_source:
+            reason, pool = PER_SOURCE, self._idle_by.get(source)
+        elif len(self._source) >= self.limits.total:
+            reason, pool = TOTAL, self._idle
+        else:
+            self._hold(conn, source)
+            return Admission(True)
+        if not pool:
+            self.refused[reason] += 1
+            self._refused_since[reason] += 1
+            return Admission(False, reason)
+        victim = next(iter(pool))
+        self.release(victim)
+        self.closed_idle[reason] += 1
+        self._closed_since[reason] += 1
+        self._hold(conn, source)
+        return Admission(True, reason, (victim,))
+
+    def idle(self, conn: C) -> None:
+        """The connection has nothing in flight: it may be closed to make room."""
+        source = self._source.get(conn)
+        if source is not None and conn not in self._idle:
+            self._idle[conn] = source
+            pool = self._idle_by.get(source)
+            if pool is None:
+                pool = self._idle_by[source] = OrderedDict()
+            pool[conn] = None
+
+    def busy(self, conn: C) -> None:
+        """A request started on the connection."""
+        source = self._idle.pop(conn, None)
+        if source is not None:
+            self._unidle(conn, source)
+
+    def release(self, conn: C) -> None:
+        """The connection closed (whoever closed it). Unknown connections are ignored: those
+        refused, and those already given up to make room."""
+        source = self._source.pop(conn, None)
+        if source is None:
+            return
+        left = self._count[source] - 1
+        if left:
+            self._count[source] = left
+        else:
+            del self._count[source]
+        if self._idle.pop(conn, None) is not None:
+            self._unidle(conn, source)
+
+    def pressure(self, now: float) -> Pressure | None:
+        """What to warn about, when a limit was reached since the last warning and that was at
+        least ``warn_every`` ago (the first time: at once)."""
+        if not any(self._refused_since.values()) and not any(self._closed_since.values()):
+            return None
+        if self._warned_at is not None and now - self._warned_at < self.warn_every:
+            return None
+        self._warned_at = now
+        report = Pressure(
+            tuple(self._refused_since.items()),
+            tuple(self._closed_since.items()),
+            self.open,
+            self.limits,
+            max(self._count.items(), key=lambda item: item[1], default=("", 0)),
+        )
+        self._refused_since = dict.fromkeys(REASONS, 0)
+        self._closed_since = dict.fromkeys(REASONS, 0)
+        return report
+
+    def _hold(self, conn: C, source: str) -> None:
+        self._source[conn] = source
+        self._count[source] = self._count.get(source, 0) + 1
+
+    def _unidle(self, conn: C, source: str) -> None:
+        pool = self._idle_by[source]
+        del pool[conn]
+        if not pool:
+            del self._idle_by[source]
+
+
+# -- the asyncio shell ----------------------------------------------------------------------------
+
+
+class Held(Protocol):
+    """A client connection as the gate sees it: a protocol with its transport (None once lost)."""
+
+    transport: asyncio.Transport | None
+
+    def __hash__(self) -> int: ...
+
+
+class Gate:
+    """The budget as the listeners use it: ``accept`` in ``connection_made`` (False: the
+    connection was refused and is already closed, do nothing more), ``release`` in
+    ``connection_lost``, and for HTTP ``idle`` when the last response is written with nothing
+    else in flight and ``busy`` when a request begins."""
+
+    def __init__(self, budget: Budget[Held]) -> None:
+        self.budget = budget
+        # The budget's own methods, without a call in between (idle and busy run per request).
+        self.idle = budget.idle
+        self.busy = budget.busy
+        self.release = budget.release
+
+    @classmethod
+    def for_config(cls, max_connections: int, max_per_source: int) -> Gate:
+        """A gate with limits as configured, defaults from the descriptor limit now."""
+        limits = Limits.derive(max_connections, max_per_source, descriptor_limit())
+        logger.info(
+            "proxy connection budget: %d client connections, %d per source address "
+            "(descriptor limit %d)",
+            limits.total,
+            limits.per_source,
+            limits.nofile,
+        )
+        if limits.total > limits.derived:
+            logger.warning(
+                "proxy.max_connections: %d is more than the descriptor limit %d leaves for client "
+                "connections (%d): a flood can exhaust descriptors; lower it or raise the limit "
+                "(LimitNOFILE=, ulimit -n, docker run --ulimit nofile=)",
+                limits.total,
+                limits.nofile,
+                limits.derived,
+            )
+        return cls(Budget(limits))
+
+    def accept(self, conn: Held, transport: asyncio.Transport, now: float) -> bool:
+        """Admit a connection just accepted, closing an idle one to make room, or refuse it
+        (reset at once: no descriptor is held for it)."""
+        peer = transport.get_extra_info("peername")
+        verdict = self.budget.admit(conn, source_of(str(peer[0])) if peer else "")
+        for victim in verdict.victims:
+            if victim.transport is not None:
+                victim.transport.close()  # idle: nothing in flight, nothing lost
+        if not verdict.admitted:
+            transport.abort()
+        if verdict.reason:
+            report = self.budget.pressure(now)
+            if report is not None:
+                logger.warning("%s", report.message())
+        return verdict.admitted
