@@ -424,8 +424,16 @@ async def report(proc: subprocess.Popen[bytes], within: float) -> dict[str, Any]
     return dict(json.loads(line)) if line.strip() else {}
 
 
+def last_report(proc: subprocess.Popen[bytes]) -> dict[str, Any]:
+    """Stop a helper by its PID and take its last report (its counts as it ended)."""
+    stop(proc, grace=10)
+    assert proc.stdout is not None
+    lines = [line for line in proc.stdout.read().splitlines() if line.strip()]
+    return dict(json.loads(lines[-1])) if lines else {}
+
+
 def total(reports: list[dict[str, Any]]) -> dict[str, int]:
-    keys = {k for r in reports for k, v in r.items() if isinstance(v, int)}
+    keys = {k for r in reports for k, v in r.items() if type(v) is int}
     return {k: sum(int(r.get(k, 0)) for r in reports) for k in sorted(keys)}
 
 
@@ -504,6 +512,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         under = await polite(ports, args.rounds)
         metrics = await scrape(ports.admin)
         descriptors = open_descriptors(daemon.pid)
+        # The counts as measured: a flood process's first report predates later evictions.
+        flooded = total([await asyncio.to_thread(last_report, proc) for proc in floods])
     finally:
         for proc in helpers:
             stop(proc, grace=5)
