@@ -117,6 +117,7 @@ def test_the_warning_comes_at_once_then_at_most_every_period_with_the_counts() -
     b.idle("x")
     b.admit("z", "A")  # closes x
     assert b.pressure(now=105.0) is None  # too soon: counted for the next one
+    assert b.warn_at() == 110.0  # when it is due, even if nothing else happens
     b.admit("w", "A")
     later = b.pressure(now=110.0)
     assert later is not None
@@ -124,6 +125,7 @@ def test_the_warning_comes_at_once_then_at_most_every_period_with_the_counts() -
     assert later.closed_idle == ((TOTAL, 0), (PER_SOURCE, 1))
     assert "closed idle 1 at max_connections_per_source" in later.message()
     assert b.pressure(now=200.0) is None  # nothing new since
+    assert b.warn_at() is None
     assert b.refused[PER_SOURCE] == 3  # the metric's counts are since start
 
 

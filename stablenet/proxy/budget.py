@@ -219,6 +219,13 @@ class Budget(Generic[C]):
         self._closed_since = dict.fromkeys(REASONS, 0)
         return report
 
+    def warn_at(self) -> float | None:
+        """When the next warning is due (None: nothing to warn about), so that counts left after
+        the last one are still told when the flood stops."""
+        if not any(self._refused_since.values()) and not any(self._closed_since.values()):
+            return None
+        return 0.0 if self._warned_at is None else self._warned_at + self.warn_every
+
     def _hold(self, conn: C, source: str) -> None:
         self._source[conn] = source
         self._count[source] = self._count.get(source, 0) + 1
@@ -253,6 +260,7 @@ class Gate:
         self.idle = budget.idle
         self.busy = budget.busy
         self.release = budget.release
+        self._timer: asyncio.TimerHandle | None = None
 
     @classmethod
     def for_config(cls, max_connections: int, max_per_source: int) -> Gate:
@@ -287,7 +295,20 @@ class Gate:
         if not verdict.admitted:
             transport.abort()
         if verdict.reason:
-            report = self.budget.pressure(now)
-            if report is not None:
-                logger.warning("%s", report.message())
+            self._warn(now)
         return verdict.admitted
+
+    def _warn(self, now: float) -> None:
+        """Log what the budget has to warn about now; if more is left for later, come back when
+        it is due (one timer at a time)."""
+        report = self.budget.pressure(now)
+        if report is not None:
+            logger.warning("%s", report.message())
+        due = self.budget.warn_at()
+        if due is not None and self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(due, self._due, loop)
+
+    def _due(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        self._warn(loop.time())
