@@ -9,7 +9,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,10 +160,14 @@ async def wait_for_lines(
 
 
 async def start_daemon(
-    *args: str, env: dict[str, str] | None = None, serving: bool = False
+    *args: str,
+    env: dict[str, str] | None = None,
+    serving: bool = False,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> RunningDaemon:
     """The daemon as a user runs it, admin on a free loopback port; with ``serving``, DNS and
-    the proxy on free loopback ports too (else both off)."""
+    the proxy on free loopback ports too (else both off). ``preexec_fn`` runs in the child
+    before stablenet (to set resource limits, say)."""
     port, dns_port, proxy_port = free_port(), free_port(), free_port()
     off = {"STABLENET_DNS_ENABLED": "false", "STABLENET_PROXY_ENABLED": "false"}
     parts = {
@@ -186,6 +190,7 @@ async def start_daemon(
         env=full_env,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
+        preexec_fn=preexec_fn,
     )
     daemon = RunningDaemon(proc, f"http://127.0.0.1:{port}", full_env, [])
     if serving:

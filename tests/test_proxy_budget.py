@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import resource
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from stablenet.model import Upsert
 from stablenet.proxy.budget import Limits
 from stablenet.registry import Registry
 from tests.helpers import Containers, free_port, off_loop
-from tests.test_cli import ROOT, STABLENET, RunningDaemon, stop_daemon, wait_for_lines
+from tests.test_cli import start_daemon, stop_daemon, wait_for_line
 from tests.test_metrics import samples
 from tests.test_proxy_http import HOST, endpoint, running_proxy, serve_app, whoami_app
 
@@ -144,38 +143,22 @@ def descriptor_limits(soft: int, hard: int) -> None:
 async def test_run_under_a_small_descriptor_limit_serves_through_a_larger_flood(
     containers: Containers,
 ) -> None:
-    service = containers.name("budget")
-    await off_loop(containers.run, "web", labels={"stablenet.service": service})
-    admin, proxy_port = free_port(), free_port()
-    env = {
-        **{k: v for k, v in os.environ.items() if k != "STABLENET_PURE"},
-        "STABLENET_ADMIN_LISTEN": f"127.0.0.1:{admin}",
-        "STABLENET_DNS_ENABLED": "false",
-        "STABLENET_PROXY_LISTEN": f"127.0.0.1:{proxy_port}",
-        "STABLENET_PROXY_HEADER_TIMEOUT": "5m",  # the flood holds silent connections
-    }
-    # A soft limit of 128 that stablenet raises to the hard one, 300; a flood of 400.
-    proc = await asyncio.create_subprocess_exec(
-        *STABLENET,
-        "run",
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
+    # A soft limit of 128 that stablenet raises to the hard one, 300; a flood of 400. The
+    # flood's silent connections are not timed out while the test runs.
+    daemon = await start_daemon(
+        env={"STABLENET_DNS_ENABLED": "false", "STABLENET_PROXY_HEADER_TIMEOUT": "5m"},
+        serving=True,
         preexec_fn=lambda: descriptor_limits(128, 300),
     )
-    daemon = RunningDaemon(proc, f"http://127.0.0.1:{admin}", env, [])
+    proxy_port = daemon.proxy_port
     share = Limits.derive(0, 0, 300).per_source
+    service = containers.name("budget")
     try:
-        await wait_for_lines(
-            proc,
-            [
-                "descriptor limit (RLIMIT_NOFILE) raised from 128 to 300",
-                f"{share} per source address (descriptor limit 300)",
-                f"added to service {service}",
-            ],
-            daemon.log,
-        )
+        await off_loop(containers.run, "web", labels={"stablenet.service": service})
+        await wait_for_line(daemon.proc, f"added to service {service}", daemon.log)
+        started = "".join(daemon.log)
+        assert "descriptor limit (RLIMIT_NOFILE) raised from 128 to 300" in started
+        assert f"{share} per source address (descriptor limit 300)" in started
         async with clients() as flood:
             for _ in range(share):  # idle keep-alive connections (404: no such service)
                 flood.append(await Client.open(proxy_port))
