@@ -94,6 +94,10 @@ def test_release_frees_the_slot_and_forgets_idle_ones() -> None:
     assert (b.open, b.held_by("A")) == (0, 0)
     b.idle("z")  # a connection the budget no longer holds never becomes a victim
     assert b.idle_count == 0
+    b.admit("v", "A")  # the source, gone and back, has its idle connections tracked again
+    b.admit("u", "A")
+    b.idle("v")
+    assert b.admit("t", "A").victims == ("v",)
 
 
 def test_a_victim_released_later_changes_nothing() -> None:

@@ -132,6 +132,7 @@ class Budget(Generic[C]):
         self._source: dict[C, str] = {}
         self._count: dict[str, int] = {}
         self._idle: OrderedDict[C, str] = OrderedDict()  # idle longest first
+        # Per source holding any connection (kept while it does: idle and busy run per request).
         self._idle_by: dict[str, OrderedDict[C, None]] = {}
         self._refused_since = dict.fromkeys(REASONS, 0)  # since the last warning
         self._closed_since = dict.fromkeys(REASONS, 0)
@@ -175,16 +176,13 @@ class Budget(Generic[C]):
         source = self._source.get(conn)
         if source is not None and conn not in self._idle:
             self._idle[conn] = source
-            pool = self._idle_by.get(source)
-            if pool is None:
-                pool = self._idle_by[source] = OrderedDict()
-            pool[conn] = None
+            self._idle_by[source][conn] = None
 
     def busy(self, conn: C) -> None:
         """A request started on the connection."""
         source = self._idle.pop(conn, None)
         if source is not None:
-            self._unidle(conn, source)
+            del self._idle_by[source][conn]
 
     def release(self, conn: C) -> None:
         """The connection closed (whoever closed it). Unknown connections are ignored: those
@@ -195,10 +193,12 @@ class Budget(Generic[C]):
         left = self._count[source] - 1
         if left:
             self._count[source] = left
+            if self._idle.pop(conn, None) is not None:
+                del self._idle_by[source][conn]
         else:
             del self._count[source]
-        if self._idle.pop(conn, None) is not None:
-            self._unidle(conn, source)
+            del self._idle_by[source]
+            self._idle.pop(conn, None)
 
     def pressure(self, now: float) -> Pressure | None:
         """What to warn about, when a limit was reached since the last warning and that was at
@@ -228,13 +228,10 @@ class Budget(Generic[C]):
 
     def _hold(self, conn: C, source: str) -> None:
         self._source[conn] = source
-        self._count[source] = self._count.get(source, 0) + 1
-
-    def _unidle(self, conn: C, source: str) -> None:
-        pool = self._idle_by[source]
-        del pool[conn]
-        if not pool:
-            del self._idle_by[source]
+        held = self._count.get(source, 0)
+        self._count[source] = held + 1
+        if not held:
+            self._idle_by[source] = OrderedDict()
 
 
 # -- the asyncio shell ----------------------------------------------------------------------------
