@@ -24,6 +24,7 @@ COMPILED = (
     "histogram.py",
     "lifecycle.py",
     "proxy/balance.py",
+    "proxy/budget.py",
     "proxy/client.py",
     "proxy/dispatch.py",
     "proxy/exchange.py",

@@ -32,7 +32,7 @@ import resource
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -88,13 +88,13 @@ def source_of(address: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class Admission(Generic[C]):
+class Admission:
     """What became of a new connection: admitted or not, the limit that was reached (empty when
-    none), and the idle connections to close to make room for it."""
+    none), and the idle connections to close to make room for it (the budget's own keys)."""
 
     admitted: bool
     reason: str = ""
-    victims: tuple[C, ...] = ()
+    victims: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +149,7 @@ class Budget(Generic[C]):
     def held_by(self, source: str) -> int:
         return self._count.get(source, 0)
 
-    def admit(self, conn: C, source: str) -> Admission[C]:
+    def admit(self, conn: C, source: str) -> Admission:
         """Take a new connection from ``source``, closing the connection idle longest when a
         limit is reached, or refuse it when none is idle."""
         pool: Mapping[C, object] | None
