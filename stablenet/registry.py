@@ -86,6 +86,7 @@ class Registry:
         # only ``apply`` replaces it.
         self.snapshot = Snapshot.build(0, {}, False, {})
         self._changed = asyncio.Event()
+        self.wakeups = 0  # times a watcher was woken: a write that changes nothing adds none
 
     def apply(self, changes: Iterable[Change]) -> Snapshot:
         """Apply changes in order; publish a new version only if something differs."""
@@ -148,6 +149,7 @@ class Registry:
                 yield snap
                 continue
             await event.wait()
+            self.wakeups += 1
 
     async def until(self, predicate: Callable[[Snapshot], bool]) -> Snapshot:
         """The first snapshot (the current one included) for which ``predicate`` is true.
