@@ -25,6 +25,7 @@ from stablenet.model import (
     SetSynced,
     SetVerdict,
     State,
+    Undrain,
     Upsert,
 )
 
@@ -107,6 +108,10 @@ class Registry:
                     current = endpoints.get(cid)
                     if current is not None and not current.draining and not _newer(current, at):
                         endpoints[cid] = dataclasses.replace(current, draining=True)
+                case Undrain(id=cid, started_at=started):
+                    current = endpoints.get(cid)
+                    if current is not None and current.draining and current.started_at == started:
+                        endpoints[cid] = dataclasses.replace(current, draining=False)
                 case Resync(endpoints=listed, keep=keep, problems=found):
                     fresh = {cid: ep for cid, ep in endpoints.items() if cid in keep}
                     for ep in listed:

@@ -14,6 +14,7 @@ from stablenet.model import (
     SetSynced,
     SetVerdict,
     State,
+    Undrain,
     Upsert,
     Verdict,
 )
@@ -197,3 +198,21 @@ def test_a_restarted_incarnation_needs_a_fresh_verdict() -> None:
     assert state_of(reg, "a") is State.READY
     reg.apply([Upsert(ep("a", check=CHECK, started_at=200.0))])
     assert state_of(reg, "a") is State.STARTING
+
+
+def test_undrain_routes_the_same_incarnation_again_as_its_health_says() -> None:
+    """A container that outlived its stop signal is routed again only if its checks pass."""
+    reg = Registry()
+    reg.apply([Upsert(ep("a", check=CHECK, started_at=100.0)), Upsert(ep("b", "10.0.0.3"))])
+    reg.apply([SetVerdict("a", "10.0.0.2", Verdict(True, "HTTP 200", 101.0)), Drain("a")])
+    assert state_of(reg, "a") is State.DRAINING
+    before = reg.snapshot
+    assert reg.apply([Undrain("a", started_at=99.0)]) is before  # another incarnation
+    assert reg.apply([Undrain("b", started_at=0.0)]) is before  # not draining
+    reg.apply([Undrain("a", started_at=100.0)])
+    assert state_of(reg, "a") is State.READY
+    assert [e.id for e in reg.snapshot.ready["web"]] == ["a", "b"]
+    reg.apply([Drain("a"), SetVerdict("a", "10.0.0.2", Verdict(False, "HTTP 500", 102.0))])
+    reg.apply([Undrain("a", started_at=100.0)])
+    assert state_of(reg, "a") is State.UNHEALTHY
+    assert [e.id for e in reg.snapshot.ready["web"]] == ["b"]
