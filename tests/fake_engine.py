@@ -87,6 +87,8 @@ class FakeEngine:
         self.inspects: dict[str, int] = {}  # id -> inspects begun
         self.in_flight: dict[str, int] = {}  # id -> inspects running now
         self.most_in_flight: dict[str, int] = {}  # id -> the most that ever ran at once
+        self.returned = 0  # inspects that have returned (or raised), all containers
+        self._returns = threading.Condition(self._lock)
 
     # -- the client side: what DockerSource calls, from its threads --------------------------
 
@@ -122,6 +124,8 @@ class FakeEngine:
         finally:
             with self._lock:
                 self.in_flight[cid] -= 1
+                self.returned += 1
+                self._returns.notify_all()
         if found is None:
             raise docker.errors.NotFound(f"No such container: {cid}")
         return found
@@ -143,6 +147,11 @@ class FakeEngine:
         with self._lock:
             self._holds[cid] = hold
         return hold
+
+    def wait_returned(self, count: int, within: float = HOLD_BOUND) -> bool:
+        """Block until ``count`` inspects in all have returned (False after ``within`` s)."""
+        with self._returns:
+            return self._returns.wait_for(lambda: self.returned >= count, within)
 
     def release_all(self) -> None:
         """Let every held call return (at the end of a test, so no thread stays blocked)."""
@@ -199,13 +208,14 @@ class FakeEngine:
         self._set_running(cid, next(self._serial))
         self.emit(cid, "start")
 
-    def die(self, cid: str, action: str = "die") -> None:
-        """The container exits (its address is free from now on), then the event."""
+    def die(self, cid: str, action: str = "die") -> float:
+        """The container exits (its address is free from now on), then the event; returns the
+        event's timestamp."""
         with self._lock:
             found = self._containers[cid]
             found["State"].update(Running=False, Status="exited")
             found["NetworkSettings"]["Networks"] = {}
-        self.emit(cid, action)
+        return self.emit(cid, action)
 
     def destroy(self, cid: str) -> None:
         with self._lock:
