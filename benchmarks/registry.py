@@ -8,7 +8,7 @@
   place where an inspect can be made to take 5 s on purpose): K containers each get an event
   whose inspect is held for up to D seconds, then a registered container dies; each sample is
   the time from the `die` event's timestamp to the snapshot without that container. The held
-  inspects are released after each sample.
+  inspects are released, and the container started again, after each sample.
 
     .venv/bin/python -m benchmarks.registry --restarts 50 --containers 300
     .venv/bin/python -m benchmarks.registry --only die --slow 50 --delay 5 --samples 200
@@ -165,7 +165,7 @@ async def resync_cost(client: docker.DockerClient, image: str, count: int) -> di
 
 async def die_behind_inspects(slow: int, delay: float, samples: int) -> dict[str, Any]:
     engine = FakeEngine()
-    targets = [engine.add(f"target-{i}") for i in range(samples)]
+    target = engine.add("target")
     held = [engine.add(f"slow-{j}") for j in range(slow)]
     registry = Registry()
     settings = Settings.from_config(DockerConfig(), HealthConfig())
@@ -175,7 +175,7 @@ async def die_behind_inspects(slow: int, delay: float, samples: int) -> dict[str
     try:
         async with asyncio.timeout(60):
             await registry.until(lambda s: s.synced)
-        for done, target in enumerate(targets, start=1):
+        for done in range(1, samples + 1):
             holds = [engine.hold(cid, delay) for cid in held]
             for cid in held:
                 engine.emit(cid, "health_status: healthy")
@@ -184,10 +184,13 @@ async def die_behind_inspects(slow: int, delay: float, samples: int) -> dict[str
             async with asyncio.timeout(slow * delay + 60):
                 snap = await registry.until(functools.partial(gone, target))
             latencies.append(snap.created - at)
+            # Not measured: release the held inspects, start the target again, and let every
+            # inspect return before the next sample (the listing's, then slow + 1 per sample).
             engine.release_all()
-            # Not measured: let the released inspects return before the next sample.
-            expected = len(targets) + slow + done * slow  # the first listing's, then these
-            if not await asyncio.to_thread(engine.wait_returned, expected, slow * delay + 60):
+            engine.start(target)
+            async with asyncio.timeout(60):
+                await registry.until(lambda s: target in s.endpoints)
+            if not await asyncio.to_thread(engine.wait_returned, (1 + slow) * (1 + done), 60):
                 raise RuntimeError("released inspects did not return")
     finally:
         engine.release_all()
