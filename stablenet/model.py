@@ -66,6 +66,7 @@ class Endpoint:
     verdict: Verdict | None = None
     panic: bool = False  # route to every running endpoint when none of the service is ready
     stop_signal: str = ""  # the image's STOPSIGNAL when it is not SIGTERM (e.g. SIGWINCH)
+    stop_timeout: float | None = None  # the container's StopTimeout; None: Docker's default
     listeners: tuple[str, ...] = ()  # dedicated proxy listeners, "http:HOST:PORT" / "tcp:..."
 
     @property
@@ -122,6 +123,15 @@ class Drain:
 
 
 @dataclass(frozen=True, slots=True)
+class Undrain:
+    """The container outlived its stop signal and its stop timeout: route to it again. Applies
+    only to the incarnation that started at ``started_at``."""
+
+    id: str
+    started_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class Resync:
     """The full truth from a complete listing. Endpoints not listed are removed, except ids in
     ``keep``, whose current entry is fresher than the listing (an event touched them while the
@@ -156,4 +166,4 @@ class SetSynced:
     synced: bool
 
 
-Change = Upsert | Remove | Drain | Resync | Problem | SetVerdict | SetSynced
+Change = Upsert | Remove | Drain | Undrain | Resync | Problem | SetVerdict | SetSynced

@@ -25,6 +25,7 @@ from stablenet.model import (
     SetSynced,
     SetVerdict,
     State,
+    Undrain,
     Upsert,
 )
 
@@ -86,6 +87,7 @@ class Registry:
         # only ``apply`` replaces it.
         self.snapshot = Snapshot.build(0, {}, False, {})
         self._changed = asyncio.Event()
+        self.wakeups = 0  # times a watcher was woken: a write that changes nothing adds none
 
     def apply(self, changes: Iterable[Change]) -> Snapshot:
         """Apply changes in order; publish a new version only if something differs."""
@@ -106,6 +108,10 @@ class Registry:
                     current = endpoints.get(cid)
                     if current is not None and not current.draining and not _newer(current, at):
                         endpoints[cid] = dataclasses.replace(current, draining=True)
+                case Undrain(id=cid, started_at=started):
+                    current = endpoints.get(cid)
+                    if current is not None and current.draining and current.started_at == started:
+                        endpoints[cid] = dataclasses.replace(current, draining=False)
                 case Resync(endpoints=listed, keep=keep, problems=found):
                     fresh = {cid: ep for cid, ep in endpoints.items() if cid in keep}
                     for ep in listed:
@@ -148,6 +154,7 @@ class Registry:
                 yield snap
                 continue
             await event.wait()
+            self.wakeups += 1
 
     async def until(self, predicate: Callable[[Snapshot], bool]) -> Snapshot:
         """The first snapshot (the current one included) for which ``predicate`` is true.

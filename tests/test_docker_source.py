@@ -114,6 +114,41 @@ async def test_draining_during_slow_stop(registry: Registry, containers: Contain
     await until(registry, lambda s: name not in s.by_name, WAIT)
 
 
+async def test_a_container_that_ignores_sigterm_is_routed_again_after_its_stop_timeout(
+    containers: Containers, docker_client: docker.DockerClient, test_image: str
+) -> None:
+    """`docker kill -s TERM` to a PID 1 that ignores it: the container keeps running and keeps
+    its address; once its StopTimeout (1 s here) and the margin have passed it is routed again."""
+    reg = Registry()
+    _, task = await start_source(
+        reg, Settings.from_config(DockerConfig(), HealthConfig()), drain_margin=0.5
+    )
+    try:
+        api = docker_client.api
+        name = containers.name("stubborn")
+        created = await off_loop(
+            api.create_container,
+            test_image,
+            ["sh", "-c", "trap '' TERM; httpd -f -p 80 -h /www"],
+            name=name,
+            labels={"stablenet.port": "80"},
+            stop_timeout=1,
+        )
+        cid = str(created["Id"])
+        containers.created.append(cid)
+        await off_loop(api.start, cid)
+        ready = await until(reg, lambda s: by_name(s, name) is State.READY, WAIT)
+        await off_loop(api.kill, cid, signal="TERM")
+        await until(reg, lambda s: by_name(s, name) is State.DRAINING, WAIT)
+        snap = await until(reg, lambda s: by_name(s, name) is State.READY, 15)
+        assert snap.by_name[name].address == ready.by_name[name].address
+        assert snap.by_name[name].started_at == ready.by_name[name].started_at
+        assert (await off_loop(api.inspect_container, cid))["State"]["Running"]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def test_an_images_own_stop_signal_drains(registry: Registry, containers: Containers) -> None:
     """docker stop sends the image's STOPSIGNAL (Apache's is SIGWINCH), not SIGTERM."""
     box = await off_loop(

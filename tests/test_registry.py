@@ -14,6 +14,7 @@ from stablenet.model import (
     SetSynced,
     SetVerdict,
     State,
+    Undrain,
     Upsert,
     Verdict,
 )
@@ -139,6 +140,12 @@ async def test_watch_is_level_triggered_and_skips_versions() -> None:
     assert seen == [1, 3]  # version 2 was skipped, not queued
 
 
+async def settle() -> None:
+    """Let every task that a write made ready run (a woken watcher runs on the next turn)."""
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
 async def test_noop_write_wakes_nobody() -> None:
     reg = Registry()
     reg.apply([Upsert(ep("a"))])
@@ -147,18 +154,22 @@ async def test_noop_write_wakes_nobody() -> None:
     async def consumer() -> None:
         async for snap in reg.watch(reg.snapshot.version):
             woken.append(snap.version)
-            return  # the first wake-up is the one under test
+            return  # the first change is the one under test
 
     task = asyncio.get_running_loop().create_task(consumer())
-    await asyncio.sleep(0)
+    await settle()  # the consumer now waits for a change
     reg.apply([Upsert(ep("a"))])
     reg.apply([Remove("nobody")])
-    await asyncio.sleep(0)  # a wake-up, had there been one, would have run by now
+    reg.apply([Drain("nobody"), SetSynced(False)])
+    await settle()
+    # Counted inside watch(): a watcher that woke and found no new version still counts.
+    assert reg.wakeups == 0
     assert woken == []
     reg.apply([Remove("a")])
     async with asyncio.timeout(5):
         await task
     assert woken == [2]
+    assert reg.wakeups == 1
 
 
 def test_events_about_an_earlier_incarnation_do_not_touch_a_restarted_one() -> None:
@@ -187,3 +198,21 @@ def test_a_restarted_incarnation_needs_a_fresh_verdict() -> None:
     assert state_of(reg, "a") is State.READY
     reg.apply([Upsert(ep("a", check=CHECK, started_at=200.0))])
     assert state_of(reg, "a") is State.STARTING
+
+
+def test_undrain_routes_the_same_incarnation_again_as_its_health_says() -> None:
+    """A container that outlived its stop signal is routed again only if its checks pass."""
+    reg = Registry()
+    reg.apply([Upsert(ep("a", check=CHECK, started_at=100.0)), Upsert(ep("b", "10.0.0.3"))])
+    reg.apply([SetVerdict("a", "10.0.0.2", Verdict(True, "HTTP 200", 101.0)), Drain("a")])
+    assert state_of(reg, "a") is State.DRAINING
+    before = reg.snapshot
+    assert reg.apply([Undrain("a", started_at=99.0)]) is before  # another incarnation
+    assert reg.apply([Undrain("b", started_at=0.0)]) is before  # not draining
+    reg.apply([Undrain("a", started_at=100.0)])
+    assert state_of(reg, "a") is State.READY
+    assert [e.id for e in reg.snapshot.ready["web"]] == ["a", "b"]
+    reg.apply([Drain("a"), SetVerdict("a", "10.0.0.2", Verdict(False, "HTTP 500", 102.0))])
+    reg.apply([Undrain("a", started_at=100.0)])
+    assert state_of(reg, "a") is State.UNHEALTHY
+    assert [e.id for e in reg.snapshot.ready["web"]] == ["b"]

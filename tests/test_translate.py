@@ -243,6 +243,19 @@ def test_stop_signal_matching() -> None:
     assert ep is not None and ep.stop_signal == "SIGWINCH"
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"), [(None, None), (0, 0.0), (3, 3.0), (-1, None), ("x", None)]
+)
+def test_stop_timeout_from_inspect(value: object, expected: float | None) -> None:
+    """The container's own StopTimeout (docker run --stop-timeout) bounds how long a drain
+    waits for the container to exit; None means Docker's default."""
+    data = inspect()
+    if value is not None:
+        data["Config"]["StopTimeout"] = value
+    ep = endpoint_from_inspect(data, SETTINGS)
+    assert ep is not None and ep.stop_timeout == expected
+
+
 def test_event_time_prefers_nanoseconds() -> None:
     assert event_time(event("container", "start")) == pytest.approx(1795761777.275724)
     assert event_time({"time": 5}) == 5.0

@@ -2,18 +2,21 @@
 reconnect with capped backoff, all turned into registry changes.
 
 The docker SDK is synchronous, so every call runs in a small thread pool and the event stream is
-read by a dedicated thread that hands events to the loop; the loop never blocks on Docker. While
-the engine is gone the registry keeps its last state and is marked not synced."""
+read by a dedicated thread that hands events to the loop; the loop never blocks on Docker. Events
+never wait for an inspect: the order rules (which inspect result still counts, when a drain that
+never ended is lifted) are in order.py. While the engine is gone the registry keeps its last
+state and is marked not synced."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -23,6 +26,7 @@ import requests.exceptions
 from docker.constants import MINIMUM_DOCKER_API_VERSION
 from docker.utils import kwargs_from_env
 
+from stablenet.docker.order import DRAIN_MARGIN, EventOrder, stop_timeout
 from stablenet.docker.translate import (
     Action,
     LabelError,
@@ -30,10 +34,20 @@ from stablenet.docker.translate import (
     classify,
     container_name,
     endpoint_from_inspect,
+    event_signal,
     event_time,
-    is_stop_signal,
 )
-from stablenet.model import Change, Drain, Endpoint, Problem, Remove, Resync, SetSynced, Upsert
+from stablenet.model import (
+    Change,
+    Drain,
+    Endpoint,
+    Problem,
+    Remove,
+    Resync,
+    SetSynced,
+    Undrain,
+    Upsert,
+)
 from stablenet.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -42,6 +56,7 @@ T = TypeVar("T")
 _BACKOFF_FIRST = 0.25
 _BACKOFF_CAP = 5.0
 _API_TIMEOUT = 15
+_INSPECTS = 8  # event inspects at once, across containers
 _CONNECTION_ERRORS = (
     docker.errors.DockerException,
     requests.exceptions.RequestException,
@@ -95,8 +110,20 @@ def _preflight(url: str) -> None:
             raise DockerLost(f"cannot connect to {url}: {exc.strerror or exc}") from None
 
 
+@dataclass(frozen=True, slots=True)
+class _Session:
+    """What one connection's handlers share: the client and the task group they spawn into."""
+
+    client: docker.APIClient
+    tasks: asyncio.TaskGroup
+
+
 class DockerSource:
-    """Keeps the registry equal to the running containers of one Docker Engine."""
+    """Keeps the registry equal to the running containers of one Docker Engine.
+
+    Drain and remove events are applied as they are read. Inspects run in workers, one per
+    container (in order for that container, see ``EventOrder``), at most ``inspects`` at once
+    across containers, in a thread pool of their own so a resync's inspects never hold them up."""
 
     def __init__(
         self,
@@ -104,12 +131,20 @@ class DockerSource:
         settings: Settings,
         resync_interval: float = 30.0,
         client_factory: Callable[[], docker.APIClient] = default_client,
+        drain_margin: float = DRAIN_MARGIN,
+        inspects: int = _INSPECTS,
     ) -> None:
         self._registry = registry
         self._settings = settings
         self._resync_interval = resync_interval
         self._client_factory = client_factory
         self._pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="docker")
+        self._inspect_pool = concurrent.futures.ThreadPoolExecutor(
+            inspects, thread_name_prefix="docker-inspect"
+        )
+        self._order = EventOrder(drain_margin)
+        self._asked_at: dict[str, float] = {}  # container -> oldest event awaiting its inspect
+        self._drain_clock = asyncio.Event()  # set: look again for containers draining too long
         self._touched: set[str] | None = None  # ids seen in events while a resync lists
         self._resync_lock = asyncio.Lock()
         self.stats = SourceStats()
@@ -149,10 +184,13 @@ class DockerSource:
                 self.stats.reconnects += 1
         finally:
             self._pool.shutdown(wait=False, cancel_futures=True)
+            self._inspect_pool.shutdown(wait=False, cancel_futures=True)
 
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _call(
+        self, fn: Callable[..., T], *args: Any, pool: concurrent.futures.Executor | None = None
+    ) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, fn, *args)
+        return await loop.run_in_executor(pool or self._pool, fn, *args)
 
     async def _session(self) -> None:
         client = await self._call(self._client_factory)
@@ -170,8 +208,11 @@ class DockerSource:
                 daemon=True,
             )
             reader.start()
+            self._order.reset()
+            self._asked_at.clear()
             async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self._consume(client, queue), name="docker-events")
+                session = _Session(client, tasks)
+                tasks.create_task(self._consume(session, queue), name="docker-events")
                 await self.resync(client)
                 self._registry.apply([SetSynced(True)])
                 logger.info(
@@ -180,6 +221,7 @@ class DockerSource:
                     self.stats.last_resync_seconds,
                 )
                 tasks.create_task(self._resync_loop(client), name="docker-resync")
+                tasks.create_task(self._watch_drains(session), name="docker-drains")
         finally:
             if stream is not None:
                 await self._call(_close_quietly, stream)
@@ -212,29 +254,35 @@ class DockerSource:
             finally:
                 self._touched = None
             self._registry.apply([Resync(tuple(endpoints), keep=keep, problems=problems)])
+            self._order.retain(frozenset(ids) | keep)
+            self._drain_clock.set()
             self.stats.resyncs += 1
             self.stats.last_resync_seconds = time.monotonic() - began
 
-    async def _inspect(self, client: docker.APIClient, cid: str) -> Mapping[str, Any] | None:
+    async def _inspect(
+        self,
+        client: docker.APIClient,
+        cid: str,
+        pool: concurrent.futures.Executor | None = None,
+    ) -> Mapping[str, Any] | None:
         try:
-            result: Mapping[str, Any] = await self._call(client.inspect_container, cid)
+            result: Mapping[str, Any] = await self._call(client.inspect_container, cid, pool=pool)
             return result
         except docker.errors.NotFound:
             return None
 
     async def _consume(
-        self,
-        client: docker.APIClient,
-        queue: asyncio.Queue[Mapping[str, Any] | BaseException],
+        self, session: _Session, queue: asyncio.Queue[Mapping[str, Any] | BaseException]
     ) -> None:
         while True:
             item = await queue.get()
             if isinstance(item, BaseException):
                 raise DockerLost(_describe(item))
-            await self.handle_event(client, item)
+            self._handle_event(session, item)
 
-    async def handle_event(self, client: docker.APIClient, event: Mapping[str, Any]) -> None:
-        """Apply one Docker event: drain or remove at once, or inspect just that container."""
+    def _handle_event(self, session: _Session, event: Mapping[str, Any]) -> None:
+        """Apply one Docker event: drain or remove at once; an inspect goes to the container's
+        worker (started here when it has none). Never waits."""
         what = classify(event)
         if what is None:
             return
@@ -245,19 +293,63 @@ class DockerSource:
         if self._touched is not None:
             self._touched.add(cid)
         at = event_time(event) or None
-        if action is Action.SIGNAL:
-            ep = self._registry.snapshot.endpoints.get(cid)
-            if ep is not None and is_stop_signal(event, ep.stop_signal):
-                self._registry.apply([Drain(cid, at)])
-        elif action is Action.DRAIN:
-            self._registry.apply([Drain(cid, at)])
-        elif action is Action.REMOVE:
-            self._registry.apply([Remove(cid, at)])
-        else:
-            inspect = await self._inspect(client, cid)
+        if action is Action.INSPECT:
+            self._want(session, cid, at)
+            return
+        current = self._registry.snapshot.endpoints.get(cid)
+        step = self._order.event(action, cid, at, event_signal(event), current, now=time.time())
+        if step.changes:
+            self._apply(step.changes, at)
+
+    def _want(self, session: _Session, cid: str, at: float | None) -> None:
+        """Have the container inspected (again) after any inspect of it that runs now."""
+        if at is not None:
+            self._asked_at.setdefault(cid, at)
+        step = self._order.event(Action.INSPECT, cid, at, "", None, now=time.time())
+        if step.start_worker:
+            session.tasks.create_task(
+                self._inspect_worker(session, cid), name=f"docker-inspect-{cid[:12]}"
+            )
+
+    async def _inspect_worker(self, session: _Session, cid: str) -> None:
+        """Inspect one container for as long as events keep asking, one inspect at a time."""
+        while self._order.begin(cid):
+            at = self._asked_at.pop(cid, None)
+            inspect = await self._inspect(session.client, cid, self._inspect_pool)
+            change = self._translate(cid, inspect)
+            current = self._registry.snapshot.endpoints.get(cid)
+            changes = self._order.finish(cid, change, current, now=time.time())
             if self._touched is not None:
                 self._touched.add(cid)
-            self._registry.apply([self._translate(cid, inspect)])
+            if current is not None and any(isinstance(c, Undrain) for c in changes):
+                logger.info(
+                    "endpoint %s still runs after its stop timeout (%gs) and %gs more: it "
+                    "ignored its stop signal, so it is routed again",
+                    current.name,
+                    stop_timeout(current),
+                    self._order.margin,
+                )
+            self._apply(changes, at)
+
+    async def _watch_drains(self, session: _Session) -> None:
+        """Have every container left draining past its stop timeout inspected once; sleeps
+        until the next such deadline or until a drain or a resync changes the picture."""
+        while True:
+            self._drain_clock.clear()
+            due, deadline = self._order.due(self._registry.snapshot.endpoints, now=time.time())
+            for cid in due:
+                self._want(session, cid, None)
+            delay = None if deadline is None else max(0.0, deadline - time.time())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._drain_clock.wait()
+
+    def _apply(self, changes: Sequence[Change], at: float | None) -> None:
+        if not changes:
+            return
+        self._registry.apply(changes)
+        if any(isinstance(change, Drain) for change in changes):
+            self._drain_clock.set()
         if at is not None:
             self.stats.last_event_lag = max(0.0, time.time() - at)
 

@@ -177,6 +177,7 @@ def endpoint_from_inspect(inspect: Mapping[str, Any], settings: Settings) -> End
         docker_health=str(health) if health in ("starting", "healthy", "unhealthy") else None,
         panic=panic,
         stop_signal=str(config.get("StopSignal") or ""),
+        stop_timeout=_stop_timeout(config.get("StopTimeout")),
         listeners=listeners,
     )
 
@@ -192,6 +193,13 @@ def _http_host_problem(host: str) -> str | None:
     if len(name) > 253 or not all(_HOST_LABEL.match(label) for label in name.split(".")):
         return f"{host!r} is not a host name"
     return None
+
+
+def _stop_timeout(value: Any) -> float | None:
+    """The container's own StopTimeout in seconds; None when it sets none (Docker's default)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        return None
+    return float(value)
 
 
 def _sanitize(name: str) -> str:
@@ -370,11 +378,21 @@ def signal_number(text: str) -> int | None:
         return None
 
 
+def event_signal(event: Mapping[str, Any]) -> str:
+    """The signal a kill event names ("15", "SIGWINCH"), or ""."""
+    attrs = (event.get("Actor") or {}).get("Attributes") or {}
+    return str(attrs.get("signal", ""))
+
+
+def stops(signal: str, stop_signal: str) -> bool:
+    """Whether a kill with ``signal`` is the container's own STOPSIGNAL (docker stop sends it)."""
+    sent = signal_number(signal)
+    return bool(stop_signal) and sent is not None and sent == signal_number(stop_signal)
+
+
 def is_stop_signal(event: Mapping[str, Any], stop_signal: str) -> bool:
     """A kill event whose signal is the container's own STOPSIGNAL (docker stop sends it)."""
-    attrs = (event.get("Actor") or {}).get("Attributes") or {}
-    sent = signal_number(str(attrs.get("signal", "")))
-    return bool(stop_signal) and sent is not None and sent == signal_number(stop_signal)
+    return stops(event_signal(event), stop_signal)
 
 
 def event_time(event: Mapping[str, Any]) -> float:
