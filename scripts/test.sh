@@ -18,5 +18,6 @@ export DOCKER_HOST
 # The request path also as plain Python, as it runs where nothing compiled it (the Docker image).
 if [ "$#" -eq 0 ]; then
     STABLENET_PURE=1 .venv/bin/python -m pytest -q tests/test_proxy_http.py tests/test_proxy_core.py \
-        tests/test_proxy_fuzz.py
+        tests/test_proxy_fuzz.py tests/test_proxy_hostile.py tests/test_proxy_exchange.py \
+        tests/test_proxy_budget.py tests/test_budget.py tests/test_routes.py
 fi
