@@ -537,7 +537,8 @@ async def load(
 
 async def queries_of_death(target: Target, count: int, every: float, into: list[Outcome]) -> None:
     """COUNT requests that crash whatever backend serves them, one every EVERY seconds, each on
-    a connection of its own, without waiting for the previous one's answer."""
+    a connection of its own, without waiting for the previous one's answer; the load goes on for
+    EVERY seconds after the last, so what a query of death does to the requests after it shows."""
 
     async def one(http: aiohttp.ClientSession, rid: str) -> None:
         into.append(await send(http, target, "GET", "qod", rid))
@@ -545,9 +546,8 @@ async def queries_of_death(target: Target, count: int, every: float, into: list[
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
     async with aiohttp.ClientSession(timeout=timeout) as http, asyncio.TaskGroup() as tasks:
         for i in range(count):
-            if i:
-                await asyncio.sleep(every)
             tasks.create_task(one(http, f"qod-{i}"))
+            await asyncio.sleep(every)
 
 
 # ---------------------------------------------------------------- restarts

@@ -117,7 +117,12 @@ async def test_no_post_runs_twice_on_keep_alive_backends_that_restart(
     dies after executing it must not be sent again (the pooled connection is the one it ran
     on, or looked just like it)."""
     result = await short_run(
-        replica_count=2, kinds=list(KINDS), restarts=5, backend="keepalive", work_ms=20
+        replica_count=2,
+        kinds=list(KINDS),
+        restarts=5,
+        backend="keepalive",
+        work_ms=20,
+        dns_rounds=0,
     )
     runs = result["executions"]
     assert runs["duplicated_post"] == 0, runs["duplicated_post_examples"]

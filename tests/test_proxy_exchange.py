@@ -99,11 +99,11 @@ def test_decide_over_every_combination() -> None:
                 want = Verdict.RETRY
             elif a.phase not in (Phase.SENT, Phase.HEAD_PENDING):
                 want = Verdict.FAIL
-            elif not (a.idempotent and a.replayable):
+            elif not (a.idempotent and a.replayable) or a.sends > 2:
                 want = Verdict.FAIL
             elif a.reused and not a.got_bytes and not a.race_retried:
                 want = Verdict.RETRY_FRESH
-            elif a.sends > 2 or not budget_ok:
+            elif not budget_ok:
                 want = Verdict.FAIL
             else:
                 want = Verdict.RETRY

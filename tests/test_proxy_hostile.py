@@ -448,3 +448,86 @@ async def test_absolute_form_is_routed_by_its_authority_and_sent_in_origin_form(
     ((req, _),) = other.seen
     assert req.line == b"GET /p?q=1 HTTP/1.1"
     assert req.headers[b"host"] == b"other.stablenet.internal"
+
+
+# -- found on review: pipelined HEAD, long pipelines, a half-closed upgrade -------------------
+
+
+async def test_a_pipelined_head_never_hands_a_response_to_another_client() -> None:
+    victim_sent = asyncio.Event()
+
+    async def answer(
+        state: Backend, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int
+    ) -> bool:
+        req = state.seen[-1][0]
+        if req.line.startswith(b"HEAD"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            return True
+        if req.line.startswith(b"GET /a "):
+            await victim_sent.wait()  # the other client's request is out by now
+        body = b"for " + req.line.split(b" ")[1]
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+        return True
+
+    async with backend(answer) as be:
+        async with running_proxy(one_service(be), upstream_keepalive=4) as (proxy, url):
+            h = HOST.encode()
+            pipelined = b"HEAD /h HTTP/1.1\r\nHost: %b\r\n\r\nGET /a HTTP/1.1\r\nHost: %b\r\n\r\n"
+            r1, w1 = await send_raw(url, pipelined % (h, h))
+            await eventually(lambda: proxy.count("web").requests == 2)
+            r2, w2 = await send_raw(url, b"GET /victim HTTP/1.1\r\nHost: %b\r\n\r\n" % h)
+            await eventually(lambda: proxy.count("web").requests == 3)
+            victim_sent.set()
+            _, victim_body = await asyncio.wait_for(read_response(r2), 5)
+            head1 = await asyncio.wait_for(r1.readuntil(b"\r\n\r\n"), 5)
+            _, body1 = await asyncio.wait_for(read_response(r1), 5)
+            w1.close()
+            w2.close()
+    assert victim_body == b"for /victim"
+    assert head1.startswith(b"HTTP/1.1 200 ") and body1 == b"for /a"
+
+
+async def test_a_long_pipeline_arriving_in_large_reads_is_not_taken_for_a_huge_head() -> None:
+    async with running_proxy(Registry(), max_header_size=1024) as (proxy, url):
+        n = 500  # about 17 KiB, more than 4 x max_header_size, in as few reads as it takes
+        reader, writer = await send_raw(
+            url, b"GET / HTTP/1.1\r\nHost: nowhere\r\n\r\n" * n + b"GET / HTTP/1.1\r\nHo"
+        )
+        got = b""
+        async with asyncio.timeout(10):
+            while got.count(b"HTTP/1.1 404 ") < n:
+                chunk = await reader.read(1 << 20)
+                assert chunk, f"closed after {got.count(b'HTTP/1.1 404 ')} answers"
+                got += chunk
+            writer.write(b"st: nowhere\r\n\r\n")
+            while got.count(b"HTTP/1.1 404 ") < n + 1:
+                chunk = await reader.read(1 << 20)
+                assert chunk
+                got += chunk
+        writer.close()
+    assert proxy.count(None).bad_requests == 0
+
+
+async def test_a_client_that_half_closes_before_the_101_half_closes_the_tunnel() -> None:
+    client_closed = asyncio.Event()
+
+    async def upgrade_then_read_to_eof(
+        state: Backend, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int
+    ) -> bool:
+        await client_closed.wait()
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n"
+        )
+        writer.write(b"got:" + await reader.read(-1))  # until the client's EOF reaches us
+        return False
+
+    async with backend(upgrade_then_read_to_eof) as be:
+        async with running_proxy(one_service(be)) as (proxy, url):
+            request = b"GET / HTTP/1.1\r\nHost: %b\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n"
+            reader, writer = await send_raw(url, request % HOST.encode() + b"early")
+            writer.write_eof()
+            await eventually(lambda: any(c.client_eof for c in proxy.dispatcher.clients))
+            client_closed.set()
+            got = await asyncio.wait_for(reader.read(-1), 5)
+            writer.close()
+    assert got.startswith(b"HTTP/1.1 101 ") and got.endswith(b"got:early")

@@ -91,6 +91,8 @@ class ClientConnection:
         "closing",
         "client_eof",
         "starting",
+        "began",
+        "paused_for_write",
         "wbuf",
     )
 
@@ -116,6 +118,8 @@ class ClientConnection:
         self.closing = False
         self.client_eof = False  # the client half-closed: close once the queue is answered
         self.starting = False  # _start_ready is running (it loops; nothing recurses)
+        self.began = False  # a request began in the read being parsed
+        self.paused_for_write = False  # the client reads nothing: take no more from it
         self.wbuf: list[bytes] = []  # response bytes gathered during one backend read
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
@@ -145,6 +149,7 @@ class ClientConnection:
         if self.switching is not None:
             self._hold_early(self.switching, data)
             return
+        self.began = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -169,7 +174,9 @@ class ClientConnection:
             self._reject(400, f"bad request: {printable(str(exc).encode())}")
             return
         if self.reading is not None and not self.reading.head_done:
-            self.raw_pending += len(data)
+            # Bytes of a head still incomplete, counted from the read after the one it began
+            # in (llhttp buffers a field until it ends; head_size counts the complete ones).
+            self.raw_pending += 0 if self.began else len(data)
             if self.raw_pending > 4 * self.dispatcher.max_header_size:
                 self._reject(431, "request header fields too large")
                 return
@@ -208,7 +215,10 @@ class ClientConnection:
         """Read from the client again once no reason to pause is left (a slow backend, a
         body buffered with no backend yet, too many pipelined requests)."""
         if self.transport is not None and not (
-            self.paused_for_buffer or self.paused_for_upstream or self.paused_for_queue
+            self.paused_for_buffer
+            or self.paused_for_upstream
+            or self.paused_for_queue
+            or self.paused_for_write
         ):
             self.transport.resume_reading()
 
@@ -224,6 +234,11 @@ class ClientConnection:
     def pause_writing(self) -> None:
         self.write_paused = True
         self.send_deadline = self.dispatcher.now + self.dispatcher.send_timeout
+        # Take nothing more from a client that reads nothing: its next requests' answers
+        # would pile up here.
+        self.paused_for_write = True
+        if self.transport is not None:
+            self.transport.pause_reading()
         up = self.queue[0].upstream if self.queue else self.tunnel_to
         if up is not None:
             up.set_reading(False)
@@ -231,6 +246,8 @@ class ClientConnection:
     def resume_writing(self) -> None:
         self.write_paused = False
         self.send_deadline = 0.0
+        self.paused_for_write = False
+        self.resume_if_free()
         up = self.queue[0].upstream if self.queue else self.tunnel_to
         if up is not None:
             up.set_reading(True)
@@ -239,6 +256,7 @@ class ClientConnection:
 
     def on_message_begin(self) -> None:
         self.dispatcher.gate.busy(self)  # the connection budget: no longer idle
+        self.began = True
         ex = Exchange(self)
         self.reading = ex
         self.queue.append(ex)
@@ -318,6 +336,7 @@ class ClientConnection:
             ex.host = b""
         if ex.error is not None:
             raise _Reject(*ex.error)  # before llhttp goes on: the head never leaves
+        ex.client_keep_alive = ex.keep_alive
         ex.head = build_request_head(
             ex.method,
             ex.url,
@@ -667,6 +686,8 @@ class ClientConnection:
             up.transport.write(b"".join(ex.early))
         ex.early = []
         ex.early_size = 0
+        if self.client_eof and up.transport is not None and up.transport.can_write_eof():
+            up.transport.write_eof()  # the client half-closed before the backend agreed
         if self.paused_for_buffer:
             self.paused_for_buffer = False
             self.resume_if_free()
@@ -708,6 +729,7 @@ class ClientConnection:
             ex.body_done
             and not up.until_close
             and not up.carried_upgrade
+            and not ex.head_request  # ended before llhttp ended the message: never reused
             and up.parser.should_keep_alive()
         )
         if ep is not None and ex.status < 500:
@@ -764,8 +786,12 @@ class ClientConnection:
         ex.pending_head = None
         ex.status = 0
         ex.out_mode = OUT_RAW
+        ex.keep_alive = ex.client_keep_alive  # the failed attempt's framing does not carry over
         ex.upstream = None
         dispatcher.release(ex)
+        if self.paused_for_upstream:  # that backend's resume_writing will never come
+            self.paused_for_upstream = False
+            self.resume_if_free()
         service = ex.service
         budget = dispatcher.budget(service)
         attempt = Attempt(

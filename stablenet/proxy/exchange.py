@@ -116,6 +116,7 @@ class Exchange:
         "out_mode",
         "head_request",
         "keep_alive",
+        "client_keep_alive",
         "sticky",
         "counted",
         "te_seen",
@@ -163,7 +164,8 @@ class Exchange:
         self.status = 0
         self.out_mode = OUT_RAW
         self.head_request = False
-        self.keep_alive = True
+        self.keep_alive = True  # this response keeps the client connection
+        self.client_keep_alive = True  # what the request allows, whatever a response said
         self.sticky: str | None = None
         self.counted = False  # the balancer counts this exchange as in flight on ``endpoint``
         self.te_seen = b""  # the Transfer-Encoding field as sent, for the strict framing check

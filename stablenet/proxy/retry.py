@@ -14,7 +14,9 @@ The rules (the README states them the same way):
    over the last ``window`` seconds, plus a small floor per second).
 5. An idempotent request sent on a reused keep-alive connection that the backend closed before
    answering a single byte (the keep-alive race: it closed an idle connection as we wrote) is
-   sent once more on a fresh connection to the same endpoint; that does not count as a retry.
+   sent once more on a fresh connection, which the budget does not pay for but which counts
+   against ``retries``: however a request fails, it reaches backends at most ``retries`` + 1
+   times.
 """
 
 from __future__ import annotations
@@ -56,9 +58,11 @@ def decide(attempt: Attempt, retries: int, budget_ok: bool) -> Verdict:
         return Verdict.FAIL  # upgrade pending, tunnel, streaming: never replayed
     if not attempt.idempotent or not attempt.replayable:
         return Verdict.FAIL  # rule 3
+    if attempt.sends > retries:
+        return Verdict.FAIL  # rules 4 and 5: at most ``retries`` more sends, whatever the cause
     if attempt.reused and not attempt.got_bytes and not attempt.race_retried:
         return Verdict.RETRY_FRESH  # rule 5
-    if attempt.sends > retries or not budget_ok:
+    if not budget_ok:
         return Verdict.FAIL
     return Verdict.RETRY  # rule 4
 
