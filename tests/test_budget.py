@@ -1,8 +1,10 @@
 """The connection budget's pure core: limits from the descriptor limit, admission in all and per
-source, which idle connection gives way (idle longest first), release, and the rate-limited
-warning. No sockets, no clock: connections are plain strings, time is passed in."""
+source, which idle connection gives way (the oldest), release, and the rate-limited warning. No
+sockets, no clock: connections are plain strings, idleness a table the test keeps."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 
@@ -11,10 +13,30 @@ from stablenet.config import ConfigError
 from stablenet.proxy.budget import PER_SOURCE, TOTAL, Admission, Budget, Limits, source_of
 
 
-def budget(total: int, per_source: int, held: str = "", idle: str = "") -> Budget[str]:
-    """A budget holding ``held`` ("conn:source ..."), of which ``idle`` ("conn ...") became
-    idle in that order."""
-    b: Budget[str] = Budget(Limits.derive(total, per_source, nofile=20000), warn_every=10.0)
+class Tracked:
+    """A budget whose connections report idleness from a table, as a connection's own
+    ``idle_since`` does: ``idle`` and ``busy`` stand for the client connection's writes."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.table: dict[str, float] = {}
+        self.budget: Budget[str] = Budget(
+            limits, lambda conn: self.table.get(conn, 0.0), warn_every=10.0
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.budget, name)
+
+    def idle(self, conn: str, at: float = 1.0) -> None:
+        self.table[conn] = at
+
+    def busy(self, conn: str) -> None:
+        self.table.pop(conn, None)
+
+
+def budget(total: int, per_source: int, held: str = "", idle: str = "") -> Tracked:
+    """A budget holding ``held`` ("conn:source ...", oldest first), of which ``idle``
+    ("conn ...") are idle."""
+    b = Tracked(Limits.derive(total, per_source, nofile=20000))
     for entry in held.split():
         conn, _, source = entry.partition(":")
         assert b.admit(conn, source).admitted
@@ -54,32 +76,41 @@ def test_a_source_at_its_limit_is_refused_while_others_are_admitted() -> None:
     assert b.held_by("A") == 2
 
 
-def test_a_source_at_its_limit_gives_up_its_own_connection_idle_longest() -> None:
-    # b1 is idle longest of all, but it is another source's.
+def test_a_source_at_its_limit_gives_up_its_own_oldest_idle_connection() -> None:
+    # b1 is the oldest of all, and idle, but it is another source's.
     b = budget(10, 3, held="b1:B a1:A a2:A a3:A", idle="b1 a2 a1")
-    assert b.admit("a4", "A") == Admission(True, PER_SOURCE, ("a2",))
-    assert b.admit("a5", "A") == Admission(True, PER_SOURCE, ("a1",))
+    assert b.admit("a4", "A") == Admission(True, PER_SOURCE, ("a1",))
+    assert b.admit("a5", "A") == Admission(True, PER_SOURCE, ("a2",))
     assert b.admit("a6", "A") == Admission(False, PER_SOURCE)  # a3, a4, a5 are busy
     assert b.held_by("A") == 3 and b.held_by("B") == 1
     assert b.closed_idle == {TOTAL: 0, PER_SOURCE: 2}
 
 
-def test_all_sources_at_the_limit_give_up_the_connection_idle_longest_of_any_source() -> None:
+def test_all_sources_at_the_limit_give_up_the_oldest_idle_connection_of_any_source() -> None:
     b = budget(3, 3, held="a1:A b1:B c1:C", idle="c1 a1")
-    assert b.admit("d1", "D") == Admission(True, TOTAL, ("c1",))
-    assert b.admit("d2", "D") == Admission(True, TOTAL, ("a1",))
+    assert b.admit("d1", "D") == Admission(True, TOTAL, ("a1",))
+    assert b.admit("d2", "D") == Admission(True, TOTAL, ("c1",))
     assert b.admit("d3", "D") == Admission(False, TOTAL)
     assert (b.open, b.held_by("C"), b.held_by("D")) == (3, 0, 2)
 
 
-def test_a_request_makes_a_connection_busy_and_idle_again_at_the_back() -> None:
+def test_a_busy_connection_is_passed_over_until_it_is_idle_again() -> None:
     b = budget(2, 2, held="x:A y:A", idle="x y")
     b.busy("x")  # a request arrived: x may not be closed now
     assert b.idle_count == 1
-    b.idle("x")  # answered: idle again, after y
-    b.idle("x")  # repeated: keeps its place
     assert b.admit("z", "A").victims == ("y",)
+    b.idle("x")  # answered: idle again, and the oldest
     assert b.admit("w", "A").victims == ("x",)
+
+
+def test_the_search_for_an_idle_connection_is_bounded() -> None:
+    from stablenet.proxy.budget import SCAN
+
+    n = SCAN + 10
+    b = budget(n, n, held=" ".join(f"c{i}:A" for i in range(n)), idle=f"c{n - 1}")
+    assert b.admit("new", "A") == Admission(False, PER_SOURCE)  # the idle one is too far in
+    b.idle("c5")
+    assert b.admit("new", "A").victims == ("c5",)
 
 
 def test_release_frees_the_slot_and_forgets_idle_ones() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from stablenet.config import ProxyConfig
-from stablenet.proxy import Proxy
+from stablenet.proxy import Proxy, exchange
 from stablenet.proxy.client import ClientConnection
 from stablenet.proxy.exchange import TRANSITIONS, Exchange, IllegalMove, Phase
 from stablenet.proxy.retry import Attempt, RetryBudget, Verdict, decide, reuse_ok
@@ -43,11 +43,16 @@ def test_every_move_is_allowed_exactly_when_the_table_says(
     ex = fresh(conn, src)
     if dst in TRANSITIONS[src]:
         ex.move(dst)
-        assert ex.phase is dst
+        assert ex.phase == dst
     else:
         with pytest.raises(IllegalMove):
             ex.move(dst)
-        assert ex.phase is src
+        assert ex.phase == src
+
+
+def test_the_int_phases_are_the_enums() -> None:
+    for phase in Phase:
+        assert getattr(exchange, phase.name) == phase
 
 
 def test_the_table_has_every_phase_reach_done_and_done_is_final() -> None:
@@ -95,7 +100,7 @@ def test_decide_over_every_combination() -> None:
             got = decide(a, retries=2, budget_ok=budget_ok)
             if a.client_saw:
                 want = Verdict.FAIL
-            elif a.phase is Phase.CONNECTING:
+            elif a.phase == Phase.CONNECTING:
                 want = Verdict.RETRY
             elif a.phase not in (Phase.SENT, Phase.HEAD_PENDING):
                 want = Verdict.FAIL
@@ -131,8 +136,8 @@ def test_non_idempotent_requests_only_reuse_recently_used_connections() -> None:
 def test_retry_budget_is_a_share_of_requests_plus_a_floor_over_a_window() -> None:
     budget = RetryBudget(percent=20.0, floor=0.1, window=10.0)  # floor: 1 retry per window
     now = 1000.0
-    for _ in range(100):
-        budget.deposit(now)
+    budget.tick(now - 0.5, 0)
+    budget.tick(now, 100)  # 100 requests since the first tick
     spent = 0
     while budget.allows(now):
         budget.spend(now)
@@ -145,12 +150,17 @@ def test_retry_budget_is_a_share_of_requests_plus_a_floor_over_a_window() -> Non
 
 def test_retry_budget_forgets_requests_older_than_its_window() -> None:
     budget = RetryBudget(percent=50.0, floor=0.0, window=5.0)
-    for _ in range(10):
-        budget.deposit(0.0)
+    budget.tick(0.0, 0)
+    budget.tick(0.5, 10)
     assert budget.allows(4.0)
-    assert not budget.allows(5.0)  # the deposits aged out
-    budget.deposit(100.0)
-    budget.deposit(100.0)
+    assert not budget.allows(5.0)  # the requests aged out
+    budget.tick(100.0, 12)
     assert budget.allows(100.0)
     budget.spend(100.0)
     assert not budget.allows(100.5)
+
+
+def test_retry_budget_counts_nothing_before_its_first_tick() -> None:
+    budget = RetryBudget(percent=100.0, floor=0.0, window=5.0)
+    budget.tick(0.0, 5000)  # the service's requests before the budget existed
+    assert not budget.allows(0.0)

@@ -207,7 +207,12 @@ def measure(target: str, port: int, pid: int | None, size: str, args: argparse.N
         f"  {target:<10} {size:<6} {median.rps:>9.0f} req/s  p50 {median.p50_ms:6.2f} ms  "
         f"p99 {median.p99_ms:6.2f} ms  cpu/req "
         + (f"{median.cpu_us_per_req:5.1f} us" if median.cpu_us_per_req else "   n/a")
-        + f"  (runs: {', '.join(f'{r.rps:.0f}' for r in runs)})",
+        + f"  (runs: {', '.join(f'{r.rps:.0f}' for r in runs)})"
+        + (
+            f"  FAILED REQUESTS: {sum(r.errors for r in runs)}"
+            if any(r.errors for r in runs)
+            else ""
+        ),
         flush=True,
     )
     return median
@@ -231,6 +236,7 @@ def main() -> int:
             print(f"{tool} is missing: run bash benchmarks/proxy/run.sh", file=sys.stderr)
             return 2
     work = Path(tempfile.mkdtemp(prefix="stablenet-bench-proxy-"))
+    work.chmod(0o755)  # nginx's workers (user nobody) serve /16k from here: mkdtemp makes it 0700
     (work / "tmp").mkdir()
     (work / "www").mkdir()
     (work / "www" / "16k").write_bytes(b"x" * 16384)

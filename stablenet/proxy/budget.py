@@ -7,15 +7,16 @@ the thin shell the listeners call on accept: it closes what the budget names and
 budget's rate-limited warning. Rules, for a new connection from source S (an IPv4 address, or the
 /64 of an IPv6 address):
 
-1. S already holds ``max_connections_per_source``: close S's connection that has been idle
-   longest; none of S's is idle: refuse the new one (reason ``max_connections_per_source``).
-2. all sources together hold ``max_connections``: close the connection idle longest, whoever
+1. S already holds ``max_connections_per_source``: close S's oldest idle connection; none of
+   S's oldest SCAN is idle: refuse the new one (reason ``max_connections_per_source``).
+2. all sources together hold ``max_connections``: close the oldest idle connection, whoever
    holds it; none is idle: refuse (reason ``max_connections``).
 
-Only connections marked idle are ever closed to make room: an HTTP keep-alive connection between
+Only idle connections are ever closed to make room: an HTTP keep-alive connection between
 requests (nothing in flight, so closing it loses nothing). A connection is busy from its accept
 until its first request is answered, and from the first byte of each request on; a TCP
-connection is never idle.
+connection is never idle. Each connection keeps its own ``idle_since`` (a plain attribute
+write per request); the budget reads it only when it needs a victim.
 
 Defaults (0 or "auto") follow the descriptor limit (RLIMIT_NOFILE, which the daemon raises to its
 hard limit at start): a quarter of it, at most RESERVE_MAX, is kept for everything that is not a
@@ -29,8 +30,7 @@ import asyncio
 import ipaddress
 import logging
 import resource
-from collections import OrderedDict
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 RESERVE_MAX = 1024  # descriptors kept for the rest of the process, at most
 UNLIMITED_NOFILE = 1 << 20  # what an unlimited RLIMIT_NOFILE counts as
 WARN_EVERY = 10.0  # seconds between two warnings that a limit was reached
+SCAN = 1024  # connections looked at, oldest first, for one to close to make room
 TOTAL = "max_connections"
 PER_SOURCE = "max_connections_per_source"
 REASONS = (TOTAL, PER_SOURCE)
@@ -121,19 +122,24 @@ class Pressure:
 
 
 class Budget(Generic[C]):
-    """The connections held, their sources, which are idle (idle longest first), and counts of
-    what was refused or closed. Connections are opaque hashable keys."""
+    """The connections held, oldest first, their sources, and counts of what was refused or
+    closed. Connections are opaque hashable keys; ``idle_since(conn)`` says when one last
+    became idle (0 while it is busy), read only when a victim is needed, so a request costs the
+    budget nothing."""
 
-    def __init__(self, limits: Limits, warn_every: float = WARN_EVERY) -> None:
+    def __init__(
+        self,
+        limits: Limits,
+        idle_since: Callable[[C], float],
+        warn_every: float = WARN_EVERY,
+    ) -> None:
         self.limits = limits
+        self.idle_since = idle_since
         self.warn_every = warn_every
         self.refused = dict.fromkeys(REASONS, 0)  # since start, by limit
         self.closed_idle = dict.fromkeys(REASONS, 0)
-        self._source: dict[C, str] = {}
-        self._count: dict[str, int] = {}
-        self._idle: OrderedDict[C, str] = OrderedDict()  # idle longest first
-        # Per source holding any connection (kept while it does: idle and busy run per request).
-        self._idle_by: dict[str, OrderedDict[C, None]] = {}
+        self._source: dict[C, str] = {}  # every connection held, oldest first
+        self._by_source: dict[str, dict[C, None]] = {}  # the same per source, oldest first
         self._refused_since = dict.fromkeys(REASONS, 0)  # since the last warning
         self._closed_since = dict.fromkeys(REASONS, 0)
         self._warned_at: float | None = None
@@ -144,45 +150,46 @@ class Budget(Generic[C]):
 
     @property
     def idle_count(self) -> int:
-        return len(self._idle)
+        idle_since = self.idle_since
+        return sum(1 for conn in self._source if idle_since(conn) > 0.0)
 
     def held_by(self, source: str) -> int:
-        return self._count.get(source, 0)
+        held = self._by_source.get(source)
+        return len(held) if held is not None else 0
 
     def admit(self, conn: C, source: str) -> Admission:
-        """Take a new connection from ``source``, closing the connection idle longest when a
-        limit is reached, or refuse it when none is idle."""
+        """Take a new connection from ``source``, closing the oldest idle connection when a
+        limit is reached, or refuse it when none of the oldest SCAN is idle."""
         pool: Mapping[C, object] | None
-        if self._count.get(source, 0) >= self.limits.per_source:
-            reason, pool = PER_SOURCE, self._idle_by.get(source)
+        held = self._by_source.get(source)
+        if held is not None and len(held) >= self.limits.per_source:
+            reason, pool = PER_SOURCE, held
         elif len(self._source) >= self.limits.total:
-            reason, pool = TOTAL, self._idle
+            reason, pool = TOTAL, self._source
         else:
             self._hold(conn, source)
             return Admission(True)
-        if not pool:
+        victim = self._oldest_idle(pool)
+        if victim is None:
             self.refused[reason] += 1
             self._refused_since[reason] += 1
             return Admission(False, reason)
-        victim = next(iter(pool))
         self.release(victim)
         self.closed_idle[reason] += 1
         self._closed_since[reason] += 1
         self._hold(conn, source)
         return Admission(True, reason, (victim,))
 
-    def idle(self, conn: C) -> None:
-        """The connection has nothing in flight: it may be closed to make room."""
-        source = self._source.get(conn)
-        if source is not None and conn not in self._idle:
-            self._idle[conn] = source
-            self._idle_by[source][conn] = None
-
-    def busy(self, conn: C) -> None:
-        """A request started on the connection."""
-        source = self._idle.pop(conn, None)
-        if source is not None:
-            del self._idle_by[source][conn]
+    def _oldest_idle(self, pool: Mapping[C, object]) -> C | None:
+        """The oldest idle connection among the oldest SCAN of ``pool`` (bounded work per
+        admission: a pool whose oldest are all busy refuses rather than searches)."""
+        idle_since = self.idle_since
+        for n, conn in enumerate(pool):
+            if idle_since(conn) > 0.0:
+                return conn
+            if n >= SCAN:
+                break
+        return None
 
     def release(self, conn: C) -> None:
         """The connection closed (whoever closed it). Unknown connections are ignored: those
@@ -190,15 +197,10 @@ class Budget(Generic[C]):
         source = self._source.pop(conn, None)
         if source is None:
             return
-        left = self._count[source] - 1
-        if left:
-            self._count[source] = left
-            if self._idle.pop(conn, None) is not None:
-                del self._idle_by[source][conn]
-        else:
-            del self._count[source]
-            del self._idle_by[source]
-            self._idle.pop(conn, None)
+        held = self._by_source[source]
+        del held[conn]
+        if not held:
+            del self._by_source[source]
 
     def pressure(self, now: float) -> Pressure | None:
         """What to warn about, when a limit was reached since the last warning and that was at
@@ -213,7 +215,11 @@ class Budget(Generic[C]):
             tuple(self._closed_since.items()),
             self.open,
             self.limits,
-            max(self._count.items(), key=lambda item: item[1], default=("", 0)),
+            max(
+                ((src, len(held)) for src, held in self._by_source.items()),
+                key=lambda item: item[1],
+                default=("", 0),
+            ),
         )
         self._refused_since = dict.fromkeys(REASONS, 0)
         self._closed_since = dict.fromkeys(REASONS, 0)
@@ -228,34 +234,32 @@ class Budget(Generic[C]):
 
     def _hold(self, conn: C, source: str) -> None:
         self._source[conn] = source
-        held = self._count.get(source, 0)
-        self._count[source] = held + 1
-        if not held:
-            self._idle_by[source] = OrderedDict()
+        held = self._by_source.get(source)
+        if held is None:
+            held = self._by_source[source] = {}
+        held[conn] = None
 
 
 # -- the asyncio shell ----------------------------------------------------------------------------
 
 
 class Held(Protocol):
-    """A client connection as the gate sees it: a protocol with its transport (None once lost)."""
+    """A client connection as the gate sees it: a protocol with its transport (None once lost)
+    and when it last became idle (0.0 while a request is in flight, or before the first)."""
 
     transport: asyncio.Transport | None
+    idle_since: float
 
     def __hash__(self) -> int: ...
 
 
 class Gate:
     """The budget as the listeners use it: ``accept`` in ``connection_made`` (False: the
-    connection was refused and is already closed, do nothing more), ``release`` in
-    ``connection_lost``, and for HTTP ``idle`` when the last response is written with nothing
-    else in flight and ``busy`` when a request begins."""
+    connection was refused and is already closed, do nothing more) and ``release`` in
+    ``connection_lost``; in between, a connection keeps its own ``idle_since``."""
 
     def __init__(self, budget: Budget[Held]) -> None:
         self.budget = budget
-        # The budget's own methods, without a call in between (idle and busy run per request).
-        self.idle = budget.idle
-        self.busy = budget.busy
         self.release = budget.release
         self._timer: asyncio.TimerHandle | None = None
 
@@ -279,7 +283,7 @@ class Gate:
                 limits.nofile,
                 limits.derived,
             )
-        return cls(Budget(limits))
+        return cls(Budget(limits, _idle_since))
 
     def accept(self, conn: Held, transport: asyncio.Transport, now: float) -> bool:
         """Admit a connection just accepted, closing an idle one to make room, or refuse it
@@ -309,3 +313,7 @@ class Gate:
     def _due(self, loop: asyncio.AbstractEventLoop) -> None:
         self._timer = None
         self._warn(loop.time())
+
+
+def _idle_since(conn: Held) -> float:
+    return conn.idle_since

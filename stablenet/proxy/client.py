@@ -25,11 +25,19 @@ from stablenet.proxy.exchange import (
     BODY_CHUNKED,
     BODY_LENGTH,
     BODY_NONE,
+    DONE,
+    HEAD_PENDING,
+    HELD,
     OUT_CHUNKED,
     OUT_RAW,
     OUT_UNTIL_CLOSE,
+    READING,
+    ROUTING,
+    SENT,
+    STREAMING,
+    TUNNEL,
+    UPGRADE_PENDING,
     Exchange,
-    Phase,
 )
 from stablenet.proxy.http1 import (
     HOP_BY_HOP,
@@ -61,8 +69,6 @@ SETTLE_EMPTY = 0.25  # seconds to let the registry catch up before forwarding an
 DEADLINE_NONE, DEADLINE_HEAD, DEADLINE_IDLE = 0, 1, 2
 
 _LAST_CHUNK = b"0\r\n\r\n"
-_DONE = Phase.DONE
-_READING = Phase.READING
 
 
 class ClientConnection:
@@ -93,6 +99,7 @@ class ClientConnection:
         "starting",
         "began",
         "paused_for_write",
+        "idle_since",
         "wbuf",
     )
 
@@ -120,6 +127,7 @@ class ClientConnection:
         self.starting = False  # _start_ready is running (it loops; nothing recurses)
         self.began = False  # a request began in the read being parsed
         self.paused_for_write = False  # the client reads nothing: take no more from it
+        self.idle_since = 0.0  # when its last answer went out with nothing else in flight
         self.wbuf: list[bytes] = []  # response bytes gathered during one backend read
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
@@ -255,7 +263,7 @@ class ClientConnection:
     # -- llhttp callbacks ---------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self.dispatcher.gate.busy(self)  # the connection budget: no longer idle
+        self.idle_since = 0.0  # busy: the connection budget will not close it now
         self.began = True
         ex = Exchange(self)
         self.reading = ex
@@ -432,7 +440,7 @@ class ClientConnection:
             queue = self.queue
             while queue and not self.closing:
                 ex = queue[0]
-                if ex.phase is not _READING or not ex.head_done:
+                if ex.phase != READING or not ex.head_done:
                     break
                 self.deadline_kind = DEADLINE_NONE
                 self._start(ex)
@@ -443,7 +451,7 @@ class ClientConnection:
         """The exchange at the head of the queue has a complete head: route it."""
         dispatcher = self.dispatcher
         ex.started = dispatcher.now
-        ex.move(Phase.ROUTING)
+        ex.move(ROUTING)
         if self.fixed_service is not None:
             service: str | None = self.fixed_service
         else:
@@ -457,7 +465,6 @@ class ClientConnection:
         assert service is not None
         ex.service = service
         dispatcher.count(service).requests += 1
-        dispatcher.budget(service).deposit(ex.started)
         if self.dispatcher.sticky_cookie and ex.cookie is not None:
             ex.sticky = _cookie_value(ex.cookie, self.dispatcher.sticky_cookie)
         ex.hold_deadline = ex.started + dispatcher.hold_timeout
@@ -465,7 +472,7 @@ class ClientConnection:
 
     def attach(self, ex: Exchange, up: UpstreamConnection, reused: bool) -> None:
         """Send the exchange's request on this backend connection."""
-        ex.move(Phase.SENT if ex.upgrade is None else Phase.UPGRADE_PENDING)
+        ex.move(SENT if ex.upgrade is None else UPGRADE_PENDING)
         ex.upstream = up
         ex.sends += 1
         up.exchange = ex
@@ -502,7 +509,7 @@ class ClientConnection:
     ) -> None:
         """Answer the exchange with the proxy's own response (or cut the connection, when the
         client already saw part of another)."""
-        if ex.phase is _DONE or self.transport is None:
+        if ex.phase == DONE or self.transport is None:
             return
         self.flush()
         if ex.client_saw:
@@ -527,7 +534,7 @@ class ClientConnection:
         if self.wbuf:
             self.flush()
         dispatcher = self.dispatcher
-        ex.move(_DONE)
+        ex.move(DONE)
         dispatcher.release(ex)
         if dispatcher.metrics and ex.service:
             dispatcher.record(ex)
@@ -572,7 +579,7 @@ class ClientConnection:
         else:
             self.deadline = dispatcher.now + dispatcher.idle_timeout
             self.deadline_kind = DEADLINE_IDLE
-            dispatcher.gate.idle(self)  # the connection budget: may be closed to make room
+            self.idle_since = dispatcher.now  # the connection budget may close it to make room
 
     def response_head(
         self,
@@ -650,18 +657,13 @@ class ClientConnection:
         out.append(b"\r\n")
         ex.keep_alive = keep
         ex.status = status
-        if (
-            ex.phase is Phase.SENT
-            and ex.replayable
-            and ex.method in IDEMPOTENT
-            and not ex.head_request
-        ):
+        if ex.phase == SENT and ex.replayable and ex.method in IDEMPOTENT and not ex.head_request:
             # Held back until the first body byte (usually in the same read): if the backend
             # dies before any, nothing reached the client and the request can be retried.
-            ex.move(Phase.HEAD_PENDING)
+            ex.move(HEAD_PENDING)
             ex.pending_head = b"".join(out)
         else:
-            ex.move(Phase.STREAMING)
+            ex.move(STREAMING)
             ex.client_saw = True
             self.wbuf.append(b"".join(out))
         if status >= 500 and ex.endpoint is not None:
@@ -675,7 +677,7 @@ class ClientConnection:
         client's held ones first."""
         out.append(b"Upgrade: " + proto + b"\r\n")
         out.append(b"Connection: upgrade\r\n\r\n")
-        ex.move(Phase.TUNNEL)
+        ex.move(TUNNEL)
         ex.status = 101
         ex.client_saw = True
         self.wbuf.append(b"".join(out))
@@ -698,7 +700,7 @@ class ClientConnection:
             self.wbuf.append(pending)
             ex.pending_head = None
             ex.client_saw = True
-            ex.move(Phase.STREAMING)
+            ex.move(STREAMING)
 
     def response_body(self, ex: Exchange, data: bytes) -> None:
         if ex.pending_head is not None:
@@ -746,20 +748,20 @@ class ClientConnection:
         ep = ex.endpoint
         dispatcher = self.dispatcher
         phase = ex.phase
-        if phase is Phase.TUNNEL:
+        if phase == TUNNEL:
             if self.transport is not None:
                 self.transport.close()
             self.finish(ex, close=True)
             return
         close_delimited = ex.out_mode == OUT_UNTIL_CLOSE or up.until_close
-        if phase is Phase.HEAD_PENDING:
+        if phase == HEAD_PENDING:
             # Only the head arrived, and the client has seen none of it.
             if close_delimited and exc is None and not self._endpoint_gone(ep):
                 # An empty close-delimited body, or a backend killed a moment ago whose
                 # kill/die event is still on its way: let the registry settle first.
                 dispatcher.loop.call_later(SETTLE_EMPTY, self._settle_empty, ex, up, exc)
                 return
-        elif phase is Phase.STREAMING:
+        elif phase == STREAMING:
             if exc is None and close_delimited and ex.status >= 200:
                 self.response_done(ex, up)  # a clean close ends a close-delimited body
                 return
@@ -809,7 +811,7 @@ class ClientConnection:
             # The keep-alive race: the backend closed an idle connection as we reused it.
             ex.race_retried = True
             ex.fresh_only = True
-            ex.move(Phase.ROUTING)
+            ex.move(ROUTING)
             dispatcher.count(service).retries += 1
             logger.debug("retrying %s on a fresh connection: %s", service, why)
             dispatcher.dispatch(ex)
@@ -817,8 +819,10 @@ class ClientConnection:
         self._report_failure(ex, why)
         if verdict is Verdict.RETRY and ep is not None:
             budget.spend(dispatcher.now)
+            if ex.sent_to is None:
+                ex.sent_to = set()
             ex.sent_to.add(target_of(ep))
-            ex.move(Phase.ROUTING)
+            ex.move(ROUTING)
             dispatcher.count(service).retries += 1
             logger.debug("retrying %s %s elsewhere: %s", ex.method, service, why)
             dispatcher.dispatch(ex)
@@ -834,7 +838,7 @@ class ClientConnection:
 
     def _settle_empty(self, ex: Exchange, up: UpstreamConnection, exc: Exception | None) -> None:
         self.dispatcher.now = self.dispatcher.loop.time()
-        if ex.phase is _DONE:
+        if ex.phase == DONE:
             return
         if self._endpoint_gone(ex.endpoint):
             self.attempt_failed(
@@ -873,7 +877,7 @@ class ClientConnection:
         self.dispatcher.count(None).bad_requests += 1
         logger.debug("client %s: %d %s", self.peer.decode(), status, message)
         active = self.queue[0] if self.queue else None
-        if active is not None and active.phase is not _READING and active is not self.reading:
+        if active is not None and active.phase != READING and active is not self.reading:
             # A response is under way for an earlier request; cut the connection.
             self.transport.abort()
             return
@@ -899,11 +903,11 @@ class ClientConnection:
 
     def _abandon(self, ex: Exchange) -> None:
         dispatcher = self.dispatcher
-        if ex.phase is Phase.HELD:  # unhold cancels its timer (only a held exchange has one)
+        if ex.phase == HELD:  # unhold cancels its timer (only a held exchange has one)
             dispatcher.unhold(ex)
-        tunnel = ex.phase is Phase.TUNNEL
-        if ex.phase is not _DONE:
-            ex.move(_DONE)
+        tunnel = ex.phase == TUNNEL
+        if ex.phase != DONE:
+            ex.move(DONE)
         up = ex.upstream
         if up is not None:
             ex.upstream = None

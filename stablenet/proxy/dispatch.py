@@ -15,9 +15,14 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 from stablenet.config import ProxyConfig
 from stablenet.histogram import Histogram
 from stablenet.model import Endpoint
-from stablenet.proxy.balance import Balancer, retry_backoff, sticky_token, target_of
+from stablenet.proxy.balance import Balancer, Target, retry_backoff, sticky_token, target_of
 from stablenet.proxy.budget import Gate
-from stablenet.proxy.exchange import Exchange, Phase
+from stablenet.proxy.exchange import (
+    CONNECTING,
+    HELD,
+    ROUTING,
+    Exchange,
+)
 from stablenet.proxy.http1 import IDEMPOTENT
 from stablenet.proxy.retry import RetryBudget, reuse_ok
 from stablenet.proxy.routes import Routes, build_routes, normalize_host
@@ -164,6 +169,7 @@ class Dispatcher:
         budget = self.budgets.get(service)
         if budget is None:
             budget = self.budgets[service] = RetryBudget(self.config.retry_budget)
+            budget.tick(self.now, self.count(service).requests)
         return budget
 
     def token(self, ep: Endpoint) -> str:
@@ -197,10 +203,15 @@ class Dispatcher:
 
     def dispatch(self, ex: Exchange) -> None:
         """Send a routed exchange to a ready endpoint it may still try, or hold it."""
-        if ex.phase is not Phase.ROUTING:
+        if ex.phase != ROUTING:
             return
         ready = self.registry.snapshot.ready.get(ex.service, ())
-        tried = ex.sent_to | ex.refused if ex.sent_to or ex.refused else ex.sent_to
+        sent_to, refused = ex.sent_to, ex.refused
+        tried: set[Target] | tuple[()] = ()
+        if sent_to is not None:
+            tried = sent_to if refused is None else sent_to | refused
+        elif refused is not None:
+            tried = refused
         ep: Endpoint | None = None
         if ex.sticky is not None:
             for cand in ready:
@@ -221,12 +232,12 @@ class Dispatcher:
         self.balancer.begin(ep)
         ex.counted = True
         if not ex.fresh_only:
-            up = self.pool_take(ep, ex.method in IDEMPOTENT)
+            up = self.pool_take(ep, ex.method)
             if up is not None:
                 ex.conn.attach(ex, up, reused=True)
                 return
         ex.fresh_only = False
-        ex.move(Phase.CONNECTING)
+        ex.move(CONNECTING)
         self.spawn(self._connect(ex, ep))
 
     def release(self, ex: Exchange) -> None:
@@ -250,17 +261,19 @@ class Dispatcher:
             self.release(ex)
             why = "connect timeout" if isinstance(exc, TimeoutError) else f"connect: {exc}"
             self.report(ep, False, why)  # the endpoint's own failure: always counts
-            if ex.phase is not Phase.CONNECTING:
+            if ex.phase != CONNECTING:
                 return  # the client went away meanwhile
             logger.debug("service %s: %s:%d %s; trying another", ex.service, ep.address, port, why)
-            ex.move(Phase.ROUTING)
+            ex.move(ROUTING)
+            if ex.refused is None:
+                ex.refused = set()
             ex.refused.add(target_of(ep))
             self.count(ex.service).retries += 1
             self.dispatch(ex)
             return
         self.now = self.loop.time()
         current = self.registry.snapshot.endpoints.get(ep.id)
-        gone = ex.phase is not Phase.CONNECTING
+        gone = ex.phase != CONNECTING
         if gone or current is None or current.address != ep.address or current.draining:
             if current is not None and current.address == ep.address:
                 self.pool_put(up)
@@ -268,7 +281,7 @@ class Dispatcher:
                 up.transport.close()
             if not gone:  # the endpoint left the registry while we connected
                 self.release(ex)
-                ex.move(Phase.ROUTING)
+                ex.move(ROUTING)
                 self.dispatch(ex)
             return
         ex.conn.attach(ex, up, reused=False)
@@ -289,7 +302,7 @@ class Dispatcher:
             ex.hold_started = now
             self.count(ex.service).holds += 1
             logger.debug("holding a request for %s: no endpoint to try", ex.service)
-        ex.move(Phase.HELD)
+        ex.move(HELD)
         self.waiters.setdefault(ex.service, []).append(ex)
 
     def _retry_later(self, ex: Exchange) -> None:
@@ -311,7 +324,7 @@ class Dispatcher:
         self.now = self.loop.time()
         ex.hold_handle = None
         self.unhold(ex)
-        ex.refused.clear()
+        ex.refused = None
         self.dispatch(ex)
 
     def unhold(self, ex: Exchange) -> None:
@@ -324,8 +337,8 @@ class Dispatcher:
             waiting.remove(ex)
             if not waiting:
                 del self.waiters[ex.service]
-        if ex.phase is Phase.HELD:
-            ex.move(Phase.ROUTING)
+        if ex.phase == HELD:
+            ex.move(ROUTING)
 
     def _hold_expired(self, ex: Exchange) -> None:
         self.now = self.loop.time()
@@ -354,8 +367,8 @@ class Dispatcher:
                     if ex.hold_handle is not None:
                         ex.hold_handle.cancel()
                         ex.hold_handle = None
-                    if ex.phase is Phase.HELD:
-                        ex.move(Phase.ROUTING)
+                    if ex.phase == HELD:
+                        ex.move(ROUTING)
                         self.dispatch(ex)
         for cid in [cid for cid in self._tokens if cid not in snap.endpoints]:
             del self._tokens[cid]  # sticky tokens of containers gone for good
@@ -375,13 +388,16 @@ class Dispatcher:
 
     # -- keep-alive pools ---------------------------------------------------------------------
 
-    def pool_take(self, ep: Endpoint, idempotent: bool = True) -> UpstreamConnection | None:
+    def pool_take(self, ep: Endpoint, method: str = "GET") -> UpstreamConnection | None:
         """The most recently used idle connection to the endpoint, if it may carry the request
         (retry.reuse_ok: a request that cannot be replayed takes only a recently used one)."""
         pool = self.pools.get(pool_key(ep))
         while pool:
             up = pool[-1]
-            if not reuse_ok(idempotent, self.now - up.idle_since, self.reuse_idle):
+            idle = self.now - up.idle_since
+            if idle >= self.reuse_idle and not reuse_ok(
+                method in IDEMPOTENT, idle, self.reuse_idle
+            ):
                 return None  # the others idled longer still
             pool.pop()
             transport = up.transport
@@ -412,7 +428,10 @@ class Dispatcher:
     # -- timeouts -----------------------------------------------------------------------------
 
     def expire(self, now: float) -> None:
-        """Act on every deadline that passed by ``now``."""
+        """Act on every deadline that passed by ``now``; bring the retry budgets up to date."""
+        counters = self.counters
+        for service, budget in self.budgets.items():
+            budget.tick(now, counters[service].requests)
         for conn in [c for c in self.clients if c.due(now)]:
             conn.timed_out(now)
         for up in [u for u in self.upstreams if u.deadline and u.deadline <= now]:

@@ -51,7 +51,20 @@ TRANSITIONS: Final[dict[Phase, frozenset[Phase]]] = {
     _P.TUNNEL: frozenset({_P.DONE}),
     _P.DONE: frozenset(),
 }
-# The same table as bit masks indexed by phase: the check on the request path is one AND.
+# The phases as plain ints, which is what an Exchange holds and the request path compares: mypyc
+# turns these into machine integers, where an Enum member is an object looked up on its class.
+# Phase(ex.phase) names one; tests check that both agree.
+READING: Final = 0
+ROUTING: Final = 1
+HELD: Final = 2
+CONNECTING: Final = 3
+SENT: Final = 4
+UPGRADE_PENDING: Final = 5
+HEAD_PENDING: Final = 6
+STREAMING: Final = 7
+TUNNEL: Final = 8
+DONE: Final = 9
+# The table as bit masks indexed by phase: the check on the request path is one AND.
 _ALLOWED: Final[tuple[int, ...]] = tuple(
     sum(1 << int(to) for to in TRANSITIONS[phase]) for phase in Phase
 )
@@ -125,7 +138,7 @@ class Exchange:
 
     def __init__(self, conn: ClientConnection) -> None:
         self.conn = conn
-        self.phase = Phase.READING
+        self.phase = READING
         self.method = ""
         self.url = b""
         self.version = "1.1"
@@ -148,8 +161,9 @@ class Exchange:
         self.service = ""
         self.endpoint: Endpoint | None = None
         self.upstream: UpstreamConnection | None = None
-        self.refused: set[tuple[str, str, int, float]] = set()  # connect failures (retry later)
-        self.sent_to: set[tuple[str, str, int, float]] = set()  # reached, failed: never again
+        # Made when first needed (most requests never fail anywhere):
+        self.refused: set[tuple[str, str, int, float]] | None = None  # connect failed: later
+        self.sent_to: set[tuple[str, str, int, float]] | None = None  # reached, failed: never
         self.sends = 0  # attempts that wrote the request to a backend
         self.reported = False  # a failure of this request already reached passive health
         self.retry_delay = 0.0
@@ -171,12 +185,12 @@ class Exchange:
         self.te_seen = b""  # the Transfer-Encoding field as sent, for the strict framing check
         self.cl_seen = False
 
-    def move(self, to: Phase) -> None:
+    def move(self, to: int) -> None:
         """Change phase, as TRANSITIONS allows; anything else is a bug and raises."""
         if not _ALLOWED[self.phase] >> to & 1:
-            raise IllegalMove(f"exchange {self.phase.name} -> {to.name}")
+            raise IllegalMove(f"exchange {Phase(self.phase).name} -> {Phase(to).name}")
         self.phase = to
 
     @property
     def done(self) -> bool:
-        return self.phase is Phase.DONE
+        return self.phase == DONE

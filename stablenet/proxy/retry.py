@@ -25,7 +25,11 @@ import enum
 from dataclasses import dataclass
 from typing import Final
 
-from stablenet.proxy.exchange import Phase
+from stablenet.proxy.exchange import (
+    CONNECTING,
+    HEAD_PENDING,
+    SENT,
+)
 
 
 class Verdict(enum.Enum):
@@ -38,7 +42,7 @@ class Verdict(enum.Enum):
 class Attempt:
     """What is known about one failed attempt."""
 
-    phase: Phase  # where the exchange was when it failed
+    phase: int  # where the exchange was when it failed (exchange.Phase)
     idempotent: bool  # RFC 9110 9.2.2
     replayable: bool  # the whole request body is still held (and it is no Upgrade/CONNECT)
     reused: bool  # sent on a pooled keep-alive connection
@@ -52,9 +56,9 @@ def decide(attempt: Attempt, retries: int, budget_ok: bool) -> Verdict:
     """Whether a failed attempt may be retried, and how. Pure; see the module's rules."""
     if attempt.client_saw:
         return Verdict.FAIL
-    if attempt.phase is Phase.CONNECTING:
+    if attempt.phase == CONNECTING:
         return Verdict.RETRY  # rule 1: nothing was written
-    if attempt.phase not in (Phase.SENT, Phase.HEAD_PENDING):
+    if attempt.phase not in (SENT, HEAD_PENDING):
         return Verdict.FAIL  # upgrade pending, tunnel, streaming: never replayed
     if not attempt.idempotent or not attempt.replayable:
         return Verdict.FAIL  # rule 3
@@ -82,10 +86,11 @@ BUCKET: Final = 1.0  # seconds per bucket of the budget's window
 class RetryBudget:
     """Retries allowed for one service: at most ``percent`` of its requests over the last
     ``window`` seconds, plus ``floor`` per second so that a quiet service can still retry
-    (Finagle's RetryBudget, Envoy's retry budget). ``deposit`` per request; ``allows`` before
-    a retry and ``spend`` when it is made."""
+    (Finagle's RetryBudget, Envoy's retry budget). It costs a request nothing: ``tick`` reads the
+    service's request count now and then (the proxy's sweep, several times a second);
+    ``allows`` before a retry and ``spend`` when it is made."""
 
-    __slots__ = ("percent", "floor", "window", "_requests", "_retries", "_at")
+    __slots__ = ("percent", "floor", "window", "_requests", "_retries", "_at", "_total")
 
     def __init__(self, percent: float = 20.0, floor: float = 3.0, window: float = 10.0) -> None:
         self.percent = percent
@@ -94,6 +99,7 @@ class RetryBudget:
         self._requests = [0] * self.window
         self._retries = [0] * self.window
         self._at = 0  # the bucket number (time // BUCKET) last written
+        self._total = -1  # the request count at the last tick (-1: none yet)
 
     def _bucket(self, now: float) -> int:
         at = int(now // BUCKET)
@@ -106,8 +112,13 @@ class RetryBudget:
             self._at = at
         return at % self.window
 
-    def deposit(self, now: float) -> None:
-        self._requests[self._bucket(now)] += 1
+    def tick(self, now: float, requests: int) -> None:
+        """The service has had ``requests`` requests in all by ``now``: those since the last
+        tick count in the current bucket."""
+        i = self._bucket(now)
+        if self._total >= 0:
+            self._requests[i] += requests - self._total
+        self._total = requests
 
     def allows(self, now: float) -> bool:
         """Whether one more retry fits the budget now."""

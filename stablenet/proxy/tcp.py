@@ -74,6 +74,7 @@ class TcpClient(_Pipe):
         super().__init__()
         self.dispatcher = dispatcher
         self.service = service
+        self.idle_since = 0.0  # a TCP connection is never idle for the connection budget
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)

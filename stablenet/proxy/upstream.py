@@ -10,7 +10,10 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from stablenet.proxy.exchange import Exchange, Phase
+from stablenet.proxy.exchange import (
+    TUNNEL,
+    Exchange,
+)
 
 if TYPE_CHECKING:
     from stablenet.proxy.client import ClientConnection
@@ -188,7 +191,7 @@ class UpstreamConnection:
         if self.interim:
             self.interim = False
             return
-        if ex.phase is Phase.TUNNEL:
+        if ex.phase == TUNNEL:
             return
         ex.conn.response_done(ex, self)
 
@@ -199,7 +202,7 @@ class UpstreamConnection:
             if transport is not None:
                 transport.close()  # idle in the pool too long
             return
-        if ex.phase is Phase.TUNNEL:
+        if ex.phase == TUNNEL:
             return
         if ex.conn.write_paused:
             # Our own flow control stopped reading (a slow client), not the backend: the
