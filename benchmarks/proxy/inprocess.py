@@ -27,8 +27,8 @@ HOST = b"web.stablenet.internal"
 ENDPOINT = Endpoint("f" * 64, "web-1", "web", "127.0.0.1", 9, "bench", started_at=1.0)
 REQUEST = b"GET /small HTTP/1.1\r\nHost: " + HOST + b"\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n"
 RESPONSES = {
-    "small": b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n"
-    b"Connection: keep-alive\r\n\r\nok",
+    "small": b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Type: text/plain\r\n"
+    b"Content-Length: 2\r\nConnection: keep-alive\r\n\r\nok",
     "chunked": b"HTTP/1.1 200 OK\r\nServer: nginx\r\nTransfer-Encoding: chunked\r\n\r\n"
     b"2\r\nok\r\n0\r\n\r\n",
 }
