@@ -58,6 +58,42 @@ def test_a_remove_while_an_inspect_runs_voids_its_result() -> None:
     assert not order.begin("c1")  # nothing more asked: the worker ends
 
 
+def test_a_kill_read_before_the_inspect_begins_still_drains_its_result() -> None:
+    """start then kill in one burst: the worker begins only after both were read."""
+    order = EventOrder()
+    assert order.event(Action.INSPECT, "c1", T0, "", None, now=T0).start_worker
+    step = order.event(Action.DRAIN, "c1", T0 + 1, "", None, now=T0 + 1)
+    assert step.changes == (Drain("c1", T0 + 1),)  # applied at once: a no-op, not registered
+    assert order.begin("c1")
+    assert order.finish("c1", Upsert(ep()), None, now=T0 + 2) == [
+        Upsert(ep()),
+        Drain("c1", T0 + 1),
+    ]
+
+
+def test_a_remove_read_before_the_inspect_begins_does_not_void_it() -> None:
+    """kill, die and start again before the worker begins: the inspect finds the new
+    incarnation, which is neither gone nor draining."""
+    order = EventOrder()
+    assert order.event(Action.INSPECT, "c1", T0, "", None, now=T0).start_worker
+    order.event(Action.DRAIN, "c1", T0 + 1, "", None, now=T0 + 1)
+    order.event(Action.REMOVE, "c1", T0 + 2, "", None, now=T0 + 2)
+    order.event(Action.INSPECT, "c1", T0 + 3, "", None, now=T0 + 3)
+    assert order.begin("c1")
+    fresh = Upsert(ep(started_at=T0 + 3))
+    assert order.finish("c1", fresh, None, now=T0 + 4) == [fresh]
+
+
+def test_a_deadline_inspect_lost_with_the_connection_is_asked_again() -> None:
+    order = EventOrder()
+    order.event(Action.DRAIN, "c1", T0, "", ep(), now=T0)
+    deadline = T0 + DEFAULT_STOP_TIMEOUT + order.margin
+    draining = {"c1": ep(draining=True)}
+    assert order.due(draining, now=deadline) == (["c1"], None)
+    order.reset()  # the engine went away before the inspect answered
+    assert order.due(draining, now=deadline + 1) == (["c1"], None)
+
+
 def test_a_drain_while_an_inspect_runs_applies_on_top_of_its_result() -> None:
     order = EventOrder()
     inspecting(order)

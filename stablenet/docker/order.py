@@ -70,8 +70,11 @@ class EventOrder:
         self._drains: dict[str, _Drained] = {}  # containers drained and not yet gone
 
     def reset(self) -> None:
-        """A new connection: no inspect is in flight any more (drain times are kept)."""
+        """A new connection: no inspect is in flight any more. Drain times are kept, and a
+        deadline inspect lost with the old connection is asked for again."""
         self._tracks.clear()
+        for drained in self._drains.values():
+            drained.asked = False
 
     def event(
         self,
@@ -99,7 +102,7 @@ class EventOrder:
             self._drains[cid] = _Drained(now if at is None else at)
         else:
             item = Signalled(at, signal)
-        if track is not None and track.busy:
+        if track is not None:  # an inspect is under way or about to begin: it must see this
             track.since.append(item)
         return Step(() if isinstance(item, Signalled) else (item,))
 
@@ -109,7 +112,12 @@ class EventOrder:
         if track is None or not track.wanted:
             self._tracks.pop(cid, None)
             return False
-        track.wanted, track.busy, track.since = False, True, []
+        # What came before this inspect begins: a remove is older than what it will find; a
+        # drain or a stop signal after the last remove still holds for the container it finds
+        # (the registry ignores a drain older than the incarnation it finds).
+        removed = [i for i, item in enumerate(track.since) if isinstance(item, Remove)]
+        track.since = track.since[removed[-1] + 1 :] if removed else track.since
+        track.wanted, track.busy = False, True
         return True
 
     def finish(
