@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 import struct
@@ -244,3 +245,60 @@ def test_limit_warnings_are_rate_limited(caplog: pytest.LogCaptureFixture) -> No
         "limit reached for x",
         "limit reached for x (2 more since the last warning)",
     ]
+
+
+async def test_connections_halfway_through_a_message_can_still_be_closed_for_a_newcomer(
+    reg: Registry,
+) -> None:
+    """Sending a length and then nothing must not make a connection unevictable."""
+    limits = TcpLimits(connections=4, per_client=2)
+    async with DnsServer(reg, config(free_port()), tcp_limits=limits) as srv:
+        port = port_of(srv)
+        loop = asyncio.get_running_loop()
+        half = [await connect_from(f"127.0.0.{2 + i // 2}", port) for i in range(4)]
+        async with held(half):
+            for sock in half:
+                await loop.sock_sendall(sock, b"\x00\x40")  # 64 bytes announced, none sent
+            reply = await tcp_query(srv, f"web.{ZONE}")
+            assert reply.rcode() == dns.rcode.NOERROR and reply.answer
+        assert srv.stats.tcp_evicted >= 1
+        assert srv.stats.tcp_rejected["full"] == 0
+
+
+async def test_a_client_that_never_reads_is_let_go_with_its_socket(reg: Registry) -> None:
+    """Replies it never reads keep asyncio's close from ever finishing: the socket must be
+    reset, not left open outside every limit."""
+    from stablenet.model import Upsert
+    from tests.test_dns_server import endpoint
+
+    reg.apply([Upsert(endpoint(i, "big", "10.4")) for i in range(300)])  # ~20 KB answers
+    limits = TcpLimits(write_timeout=0.3)
+    async with DnsServer(reg, config(free_port()), tcp_limits=limits) as srv:
+        port = port_of(srv)
+        loop = asyncio.get_running_loop()
+        sock = await connect_from("127.0.0.2", port)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        query = dns.message.make_query(f"_80._tcp.big.{ZONE}", "SRV").to_wire()
+        async with held([sock]):
+            # About 10 MB of answers: more than every buffer on the way can hold.
+            await loop.sock_sendall(sock, (struct.pack("!H", len(query)) + query) * 500)
+            error = 0
+            for _ in range(500):  # 5 s: the write timeout, then a second's grace, then a reset
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if error:
+                    break
+                await asyncio.sleep(0.01)
+        assert error == errno.ECONNRESET
+        assert srv.tcp.slots.count("127.0.0.2") == 0
+
+
+async def test_an_answer_too_large_for_tcp_is_servfail(reg: Registry) -> None:
+    from stablenet.model import Upsert
+    from tests.test_dns_server import endpoint
+
+    reg.apply([Upsert(endpoint(i, "big", "10.4")) for i in range(1500)])
+    async with serving(reg, config(free_port())) as srv:
+        query = dns.message.make_query(f"_80._tcp.big.{ZONE}", "SRV")
+        reply = await dns.asyncquery.tcp(query, "127.0.0.1", port=port_of(srv), timeout=5)
+        assert reply.rcode() == dns.rcode.SERVFAIL
+        assert srv.stats.internal_errors == 1

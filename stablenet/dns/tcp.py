@@ -8,7 +8,11 @@ Admission (``TcpSlots``, pure, the time is a parameter) runs before anything is 
     connection is busy with a query is the newcomer closed. So no set of addresses can keep an
     allowed client out by holding silent connections.
 A connection must send its first query within ``first_query`` seconds, then may stay idle
-``idle`` seconds between queries (RFC 7766 6.2.3: short idle timeouts under load).
+``idle`` seconds between queries (RFC 7766 6.2.3: short idle timeouts under load); once a
+message's length has arrived, its bytes must follow within ``first_query`` seconds, and the
+connection counts as idle (so it can be closed for a newcomer) until they have. A connection we
+give up on is reset if it has not flushed within a second: a client that never reads keeps no
+socket. An answer too large for TCP's two-byte length is a SERVFAIL.
 
 Queries pipelined on a connection are answered concurrently, at most ``pipeline`` at a time
 (reading pauses beyond that), each reply written as soon as it is ready, so in any order
@@ -19,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,7 +36,11 @@ from stablenet.registry import Registry
 logger = logging.getLogger(__name__)
 
 _LENGTH = struct.Struct("!H")
+_NO_LINGER = struct.pack("ii", 1, 0)
 WARN_EVERY = 10.0  # seconds between two warnings about the same limit
+MAX_MESSAGE = 0xFFFF  # the largest DNS message TCP's two-byte length can frame
+CLOSE_GRACE = 1.0  # seconds a closing connection gets to flush its replies before a reset
+YIELD_EVERY = 32  # queries answered on one connection before letting the others run
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +187,7 @@ class TcpFrontend:
             self.stats.tcp_rejected["not_allowed"] += 1
             writer.close()
             return
-        admission = self.slots.admit(client, writer.close, loop.time())
+        admission = self.slots.admit(client, writer.transport.abort, loop.time())
         if admission.evicted is not None:
             self.stats.tcp_evicted += 1
             admission.evicted.close()
@@ -213,7 +222,7 @@ class TcpFrontend:
         finally:
             self._handlers.discard(task)
             self.slots.release(slot)
-            writer.close()
+            await _close(writer)
 
     def _warning(self, reason: str) -> RateLimitedWarning:
         return self._warn.setdefault(reason, RateLimitedWarning())
@@ -228,37 +237,40 @@ class TcpFrontend:
         loop = asyncio.get_running_loop()
         room = asyncio.Semaphore(self.limits.pipeline)
         limit = self.limits.first_query
+        answered = 0
         try:
             while True:
                 since = slot.idle_since
                 deadline = (loop.time() if since is None else since) + limit
-                head = None
                 try:
                     async with asyncio.timeout_at(deadline):
                         head = await reader.readexactly(2)
-                        slot.idle_since = None
-                        data = await reader.readexactly(_LENGTH.unpack(head)[0])
                 except TimeoutError:
-                    if head is None and (
-                        slot.pending
-                        or (slot.idle_since is not None and slot.idle_since + limit > loop.time())
+                    if slot.pending or (
+                        slot.idle_since is not None and slot.idle_since + limit > loop.time()
                     ):
                         continue  # answers were on their way: idle only since the last one
                     return
+                async with asyncio.timeout(self.limits.first_query):  # the rest follows at once
+                    data = await reader.readexactly(_LENGTH.unpack(head)[0])
+                slot.idle_since = None
                 limit = self.limits.idle
                 out = self._answer(data, slot.client, loop.time())
                 if isinstance(out, Forward):
                     await room.acquire()  # at most ``pipeline`` answers pending: stop reading
                     slot.pending += 1
-                    replies.create_task(self._reply_later(out, writer, slot, room))
+                    replies.create_task(self._reply_later(out, writer, slot, room, data))
                 elif out is not None:
-                    writer.write(_LENGTH.pack(len(out)) + out)
+                    writer.write(self._framed(out, data))
                 elif len(data) < wire.HEADER.size:
                     return  # not even a header: nothing more will make sense
                 if not slot.pending:
                     slot.idle_since = loop.time()
                 async with asyncio.timeout(self.limits.write_timeout):
                     await writer.drain()  # a client that never reads is dropped
+                answered += 1
+                if answered % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)  # a long pipeline must not hold the loop
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             return
 
@@ -270,12 +282,28 @@ class TcpFrontend:
             logger.exception("DNS query over TCP from %s failed", client)
             return None
 
+    def _framed(self, out: bytes, query: bytes) -> bytes:
+        """The reply with its two-byte length; SERVFAIL when it is too large to frame."""
+        if len(out) > MAX_MESSAGE:
+            self.stats.internal_errors += 1
+            logger.warning(
+                "DNS: an answer over TCP would be %d bytes, more than %d: answered SERVFAIL",
+                len(out),
+                MAX_MESSAGE,
+            )
+            try:
+                out = wire.short_reply(wire.parse_query(query), wire.Rcode.SERVFAIL, ra=True)
+            except (wire.NotAQuery, wire.Malformed):
+                out = wire.header_reply(query[: wire.HEADER.size], wire.Rcode.SERVFAIL, ra=True)
+        return _LENGTH.pack(len(out)) + out
+
     async def _reply_later(
         self,
         request: Forward,
         writer: asyncio.StreamWriter,
         slot: Slot,
         room: asyncio.Semaphore,
+        query: bytes,
     ) -> None:
         try:
             out = await self._forward(request)
@@ -286,4 +314,19 @@ class TcpFrontend:
                 slot.idle_since = asyncio.get_running_loop().time()
         if out is not None and not writer.is_closing():
             with contextlib.suppress(ConnectionError):
-                writer.write(_LENGTH.pack(len(out)) + out)
+                writer.write(self._framed(out, query))
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    """Close, letting queued replies go out for CLOSE_GRACE seconds, then reset: asyncio's close
+    waits for the send buffer to empty, which a client that never reads never lets happen."""
+    writer.close()
+    try:
+        async with asyncio.timeout(CLOSE_GRACE):
+            await writer.wait_closed()
+    except (TimeoutError, ConnectionError, OSError):
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):  # a reset: drop what the client never read
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _NO_LINGER)
+        writer.transport.abort()
