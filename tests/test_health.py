@@ -162,8 +162,8 @@ async def test_passive_ejection_then_probe_brings_it_back(
 async def test_a_request_that_fails_everywhere_ejects_no_more_than_the_cap(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A "query of death" reported once per request through the checker into a registry:
-    three replicas, each request fails on all of them (retried on one twice)."""
+    """A "query of death" reported through the checker into a registry: three replicas, each
+    request fails on all of them."""
     registry = Registry()
     replicas = [
         Endpoint(id=str(n) * 64, name=f"qod-{n}", service="qod", address=f"127.0.0.{n + 1}",
@@ -176,10 +176,14 @@ async def test_a_request_that_fails_everywhere_ejects_no_more_than_the_cap(
     a, b, c = replicas
     crash = [(a, False, "connection reset"), (b, False, "HTTP 502"), (c, False, "HTTP 502")]
 
-    checker.request_outcome([*crash, (a, False, "connection reset")])
-    assert len(registry.snapshot.ready["qod"]) == 3  # one failure each, however many attempts
+    def one_request(attempts: list[tuple[Endpoint, bool, str]]) -> None:
+        for endpoint, ok, reason in attempts:
+            checker.outcome(endpoint, ok, reason)
+
+    one_request(crash)
+    assert len(registry.snapshot.ready["qod"]) == 3  # one failure each
     for _ in range(3):
-        checker.request_outcome(crash)
+        one_request(crash)
     snap = registry.snapshot
     assert [e.name for e in snap.ready["qod"]] == ["qod-2", "qod-3"]
     assert snap.by_name["qod-1"].reason.startswith("ejected after 2 failed requests")
@@ -198,7 +202,7 @@ async def test_a_request_that_fails_everywhere_ejects_no_more_than_the_cap(
     counted = {s.labels["reason"]: s.value for s in family.samples if s.name.endswith("_total")}
     assert counted == {"last_ready": 0, "max_ejection_percent": 2}
     # A success ends the run: c must fail eject_after times again before anything is said.
-    checker.request_outcome([(c, True, "ok")])
+    one_request([(c, True, "ok")])
     status = checker.status(c.id)
     assert status is not None and (status.request_failures, status.held_back) == (0, None)
 
@@ -219,7 +223,7 @@ async def test_ejected_endpoint_is_probed_at_once_when_its_service_empties() -> 
         async with asyncio.TaskGroup() as group:
             task = group.create_task(checker.run())
             for _ in range(2):
-                checker.request_outcome([(lone, False, "HTTP 502")])
+                checker.outcome(lone, False, "HTTP 502")
             assert [e.name for e in registry.snapshot.ready["e"]] == ["e-2"]
             registry.apply([Remove(other.id)])
             snap = await until(registry, lambda s: bool(s.ready.get("e")), 5)

@@ -109,6 +109,18 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
     return head, await reader.readexactly(length)
 
 
+async def read_answers(
+    reader: asyncio.StreamReader, got: bytes, status: bytes, count: int
+) -> bytes:
+    """Read on until ``count`` responses with ``status`` have arrived (the connection must not
+    close before); returns everything read."""
+    while got.count(b"HTTP/1.1 %b " % status) < count:
+        chunk = await reader.read(1 << 20)
+        assert chunk, f"closed after {got.count(b'HTTP/1.1 %b ' % status)} answers"
+        got += chunk
+    return got
+
+
 def one_service(*backends: Backend) -> Registry:
     registry = Registry()
     registry.apply([Upsert(endpoint(b.port, n + 1)) for n, b in enumerate(backends)])
@@ -301,12 +313,8 @@ async def test_a_long_pipeline_behind_a_held_request_is_answered_in_full() -> No
         n = 2000
         held = b"GET / HTTP/1.1\r\nHost: %b\r\n\r\n" % HOST.encode()
         reader, writer = await send_raw(url, held + b"GET / HTTP/1.1\r\nHost: nowhere\r\n\r\n" * n)
-        got = b""
         async with asyncio.timeout(10):
-            while got.count(b"HTTP/1.1 404 ") < n:
-                chunk = await reader.read(1 << 20)
-                assert chunk, f"closed after {got.count(b'HTTP/1.1 404 ')} answers"
-                got += chunk
+            got = await read_answers(reader, b"", b"404", n)
         writer.close()
     assert got.startswith(b"HTTP/1.1 503 ")
     assert b"HTTP/1.1 400 " not in got
@@ -493,17 +501,10 @@ async def test_a_long_pipeline_arriving_in_large_reads_is_not_taken_for_a_huge_h
         reader, writer = await send_raw(
             url, b"GET / HTTP/1.1\r\nHost: nowhere\r\n\r\n" * n + b"GET / HTTP/1.1\r\nHo"
         )
-        got = b""
         async with asyncio.timeout(10):
-            while got.count(b"HTTP/1.1 404 ") < n:
-                chunk = await reader.read(1 << 20)
-                assert chunk, f"closed after {got.count(b'HTTP/1.1 404 ')} answers"
-                got += chunk
+            got = await read_answers(reader, b"", b"404", n)
             writer.write(b"st: nowhere\r\n\r\n")
-            while got.count(b"HTTP/1.1 404 ") < n + 1:
-                chunk = await reader.read(1 << 20)
-                assert chunk
-                got += chunk
+            got = await read_answers(reader, got, b"404", n + 1)
         writer.close()
     assert proxy.count(None).bad_requests == 0
 

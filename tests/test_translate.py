@@ -14,9 +14,10 @@ from stablenet.docker.translate import (
     Settings,
     classify,
     endpoint_from_inspect,
+    event_signal,
     event_time,
-    is_stop_signal,
     signal_number,
+    stops,
 )
 from stablenet.model import State
 
@@ -236,9 +237,9 @@ def test_proxy_listen_label() -> None:
 def test_stop_signal_matching() -> None:
     assert signal_number("SIGWINCH") == signal_number("WINCH") == signal_number("28") == 28
     assert signal_number("NOPE") is None
-    assert is_stop_signal(event("container", "kill", signal="28"), "SIGWINCH")
-    assert not is_stop_signal(event("container", "kill", signal="1"), "SIGWINCH")
-    assert not is_stop_signal(event("container", "kill", signal="28"), "")
+    assert stops(event_signal(event("container", "kill", signal="28")), "SIGWINCH")
+    assert not stops(event_signal(event("container", "kill", signal="1")), "SIGWINCH")
+    assert not stops(event_signal(event("container", "kill", signal="28")), "")
     ep = endpoint_from_inspect(inspect() | {"Config": {"StopSignal": "SIGWINCH"}}, SETTINGS)
     assert ep is not None and ep.stop_signal == "SIGWINCH"
 

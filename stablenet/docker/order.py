@@ -39,10 +39,9 @@ class Signalled:
 
 @dataclass(slots=True)
 class _Track:
-    """One container's inspects: whether one is wanted, one runs, and what came meanwhile."""
+    """One container's inspects: whether one more is wanted, and what came meanwhile."""
 
     wanted: bool = False
-    busy: bool = False
     since: list[Drain | Remove | Signalled] = field(default_factory=list)
 
 
@@ -117,7 +116,7 @@ class EventOrder:
         # (the registry ignores a drain older than the incarnation it finds).
         removed = [i for i, item in enumerate(track.since) if isinstance(item, Remove)]
         track.since = track.since[removed[-1] + 1 :] if removed else track.since
-        track.wanted, track.busy = False, True
+        track.wanted = False
         return True
 
     def finish(
@@ -128,7 +127,7 @@ class EventOrder:
         track = self._tracks.get(cid)
         since = track.since if track is not None else []
         if track is not None:
-            track.busy, track.since = False, []
+            track.since = []
         if any(isinstance(item, Remove) for item in since):
             return []  # the container left after this inspect began: the result is stale
         fresh = change.endpoint if isinstance(change, Upsert) else None

@@ -390,11 +390,6 @@ def stops(signal: str, stop_signal: str) -> bool:
     return bool(stop_signal) and sent is not None and sent == signal_number(stop_signal)
 
 
-def is_stop_signal(event: Mapping[str, Any], stop_signal: str) -> bool:
-    """A kill event whose signal is the container's own STOPSIGNAL (docker stop sends it)."""
-    return stops(event_signal(event), stop_signal)
-
-
 def event_time(event: Mapping[str, Any]) -> float:
     """The event's own timestamp as unix time (Docker's timeNano when present)."""
     nano = event.get("timeNano")

@@ -13,7 +13,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from stablenet.config import HealthConfig
@@ -195,17 +195,6 @@ class HealthChecker:
         if ok and endpoint.id not in self._suspect:
             return
         self.report(endpoint.id, endpoint.address, ok, reason)
-
-    def request_outcome(self, attempts: Iterable[tuple[Endpoint, bool, str]]) -> None:
-        """One proxied request's outcome, reported once when the request ends: every attempt
-        as (endpoint, ok, reason), in order. Each endpoint counts once per request, by its last
-        attempt, however often the request was retried on it: a request that crashes its
-        backend adds one failure to each endpoint it reached, not one per retry."""
-        last: dict[str, tuple[Endpoint, bool, str]] = {}
-        for attempt in attempts:
-            last[attempt[0].id] = attempt
-        for endpoint, ok, reason in last.values():
-            self.outcome(endpoint, ok, reason)
 
     def report(self, endpoint_id: str, address: str, ok: bool, reason: str = "") -> None:
         """A proxied request's outcome (ok, or a connection failure / 5xx). Cheap and
