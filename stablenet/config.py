@@ -248,6 +248,27 @@ class HealthConfig:
     panic: bool = _opt(False, _bool)
 
 
+def _state_dir(value: Any) -> str:
+    text = _str(value).strip()
+    if not text or not text.startswith("/"):
+        raise ValueError("expected an absolute directory path such as /var/lib/stablenet")
+    return text
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerConfig:
+    enabled: bool = _opt(True, _bool)
+    state_dir: str = _opt("/var/lib/stablenet", _state_dir)
+    heal: str = _opt("replace", _choice("replace", "restart"))
+    unhealthy_grace: float = _opt(10.0, parse_duration)
+    ready_timeout: float = _opt(120.0, _positive_duration)
+    drain_timeout: float = _opt(30.0, parse_duration)
+    backoff: float = _opt(10.0, _positive_duration)
+    backoff_max: float = _opt(300.0, _positive_duration)
+    backoff_reset: float = _opt(600.0, _positive_duration)
+    breaker: int = _opt(3, _int_at_least(1))
+
+
 @dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = _opt("info", _choice("debug", "info", "warning", "error"))
@@ -261,6 +282,7 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     docker: DockerConfig = field(default_factory=DockerConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -270,6 +292,7 @@ SECTIONS: dict[str, type[Any]] = {
     "admin": AdminConfig,
     "docker": DockerConfig,
     "health": HealthConfig,
+    "controller": ControllerConfig,
     "log": LogConfig,
 }
 
