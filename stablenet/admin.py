@@ -1,6 +1,8 @@
 """Admin API (aiohttp): the registry as JSON, liveness and readiness, recent events, Prometheus
-metrics and the status page. Read-only; bound to loopback by default, and guarded by a bearer
-token whenever one is configured. It never changes state."""
+metrics, the status page, and one write: a managed service's count (POST
+/v1/services/{name}/scale). Bound to loopback by default, and guarded by a bearer token whenever
+one is configured; the write also needs a JSON body, which a browser cannot send across origins
+without asking first."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from typing import Any
 
 from aiohttp import web
 
+from stablenet.controller import Controller
+from stablenet.controller.spec import MAX_REPLICAS
 from stablenet.errors import StartupError
 from stablenet.events import EventLog
 from stablenet.lifecycle import Server
@@ -63,20 +67,28 @@ def endpoint_json(ep: Endpoint, now: float) -> dict[str, Any]:
     }
 
 
-def service_json(name: str, snap: Snapshot, now: float) -> dict[str, Any]:
+def service_json(
+    name: str, snap: Snapshot, now: float, managed: dict[str, Any] | None = None
+) -> dict[str, Any]:
     endpoints = snap.services.get(name, ())
     return {
         "name": name,
         "ready": len(snap.ready.get(name, ())),
         "endpoints": [endpoint_json(ep, now) for ep in endpoints],
+        "controller": managed,
     }
 
 
-def services_json(snap: Snapshot, now: float) -> dict[str, Any]:
+def services_json(
+    snap: Snapshot, now: float, managed: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Every service with endpoints, and every managed one (which may have none running)."""
+    managed = managed or {}
+    names = sorted(set(snap.services) | set(managed))
     return {
         "version": snap.version,
         "synced": snap.synced,
-        "services": [service_json(name, snap, now) for name in snap.services],
+        "services": [service_json(name, snap, now, managed.get(name)) for name in names],
         "problems": [{"id": cid, "message": msg} for cid, msg in sorted(snap.problems.items())],
     }
 
@@ -92,9 +104,11 @@ class AdminServer(Server):
         token: str = "",
         events: EventLog | None = None,
         metrics: Callable[[], bytes] | None = None,
+        controller: Controller | None = None,
     ) -> None:
         super().__init__()
         self._registry = registry
+        self._controller = controller
         self._events = events
         self._metrics = metrics
         self._host, self._port = parse_hostport(listen)
@@ -105,6 +119,7 @@ class AdminServer(Server):
         self._app.router.add_get("/readyz", self._readyz)
         self._app.router.add_get("/v1/services", self._services)
         self._app.router.add_get("/v1/services/{name}", self._service)
+        self._app.router.add_post("/v1/services/{name}/scale", self._scale)
         self._app.router.add_get("/v1/events", self._recent_events)
         self._app.router.add_get("/metrics", self._metrics_text)
         self._app.router.add_get("/", self._status_page)
@@ -137,15 +152,53 @@ class AdminServer(Server):
             body["reason"] = "not synced with the Docker Engine"
         return web.json_response(body, status=200 if snap.synced else 503)
 
+    def _managed(self) -> dict[str, dict[str, Any]]:
+        return self._controller.services() if self._controller is not None else {}
+
     async def _services(self, request: web.Request) -> web.Response:
-        return web.json_response(services_json(self._registry.snapshot, time.time()))
+        return web.json_response(
+            services_json(self._registry.snapshot, time.time(), self._managed())
+        )
 
     async def _service(self, request: web.Request) -> web.Response:
         name = request.match_info["name"].lower()
         snap = self._registry.snapshot
-        if name not in snap.services:
+        managed = self._managed()
+        if name not in snap.services and name not in managed:
             return web.json_response({"error": f"no service named {name!r}"}, status=404)
-        return web.json_response(service_json(name, snap, time.time()))
+        return web.json_response(service_json(name, snap, time.time(), managed.get(name)))
+
+    async def _scale(self, request: web.Request) -> web.Response:
+        """POST {"replicas": N}: set a managed service's count; it persists across restarts."""
+        if request.content_type != "application/json":
+            return web.json_response(
+                {"error": 'send a JSON body {"replicas": N} with Content-Type: application/json'},
+                status=415,
+            )
+        try:
+            body = await request.json()
+            replicas = body["replicas"]
+            if isinstance(replicas, bool) or not isinstance(replicas, int):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            return web.json_response(
+                {"error": 'expected a JSON body {"replicas": N} with N a whole number'},
+                status=400,
+            )
+        if not 0 <= replicas <= MAX_REPLICAS:
+            return web.json_response(
+                {"error": f"replicas: expected a whole number from 0 to {MAX_REPLICAS}"},
+                status=400,
+            )
+        if self._controller is None:
+            return web.json_response(
+                {"error": "the controller is off (controller.enabled = false)"}, status=409
+            )
+        name = request.match_info["name"].lower()
+        refused = self._controller.scale(name, replicas)
+        if refused is not None:
+            return web.json_response({"error": refused}, status=404)
+        return web.json_response({"service": name, "replicas": replicas})
 
     async def _recent_events(self, request: web.Request) -> web.Response:
         try:

@@ -1,14 +1,16 @@
-"""Command line: `stablenet run | services | check-config | version`. The only module that prints
-and exits; everything it does is a call into the library."""
+"""Command line: `stablenet run | services | scale | check-config | version`. The only module
+that prints and exits; everything it does is a call into the library."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -39,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     services.add_argument("--json", action="store_true", help="print the admin API's JSON")
     services.add_argument("--config", metavar="PATH", help="read admin.listen/token from here")
     services.add_argument("--admin", metavar="URL", help="admin API URL (default from config)")
+    scale = sub.add_parser("scale", help="set how many replicas a managed service keeps")
+    scale.add_argument("service", metavar="SERVICE")
+    scale.add_argument("replicas", metavar="N", type=int)
+    scale.add_argument("--config", metavar="PATH", help="read admin.listen/token from here")
+    scale.add_argument("--admin", metavar="URL", help="admin API URL (default from config)")
     check = sub.add_parser("check-config", help="validate the config; exit 0, or 2 with why")
     check.add_argument("--config", metavar="PATH")
     sub.add_parser("version", help="print the version and which build of the proxy runs")
@@ -59,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "services":
             return _services(args)
+        if args.command == "scale":
+            return _scale(args)
         return _run(args)
     except config.ConfigError as exc:
         print(f"stablenet: config error: {exc}", file=sys.stderr)
@@ -93,17 +102,29 @@ def _admin_url(args: argparse.Namespace) -> tuple[str, str]:
     return f"http://{host}:{port}", cfg.admin.token
 
 
-def _services(args: argparse.Namespace) -> int:
+def _admin_call(
+    args: argparse.Namespace, path: str, payload: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """GET (or POST ``payload`` as JSON to) the admin API; None after printing why it failed."""
     base, token = _admin_url(args)
-    request = urllib.request.Request(base + "/v1/services")
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(base + path, data=data)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
             body: dict[str, Any] = json.load(response)
+            return body
     except urllib.error.HTTPError as exc:
-        print(f"stablenet: admin API at {base} answered {exc.code} {exc.reason}", file=sys.stderr)
-        return 1
+        detail = ""
+        with contextlib.suppress(ValueError, OSError):
+            detail = ": " + str(json.load(exc).get("error", ""))
+        print(
+            f"stablenet: admin API at {base} answered {exc.code} {exc.reason}{detail}",
+            file=sys.stderr,
+        )
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         print(
@@ -111,6 +132,21 @@ def _services(args: argparse.Namespace) -> int:
             "running with the same admin.listen?",
             file=sys.stderr,
         )
+    return None
+
+
+def _scale(args: argparse.Namespace) -> int:
+    service = str(args.service).lower()
+    body = _admin_call(args, f"/v1/services/{service}/scale", {"replicas": args.replicas})
+    if body is None:
+        return 1
+    print(f"{service}: count set to {body['replicas']}")
+    return 0
+
+
+def _services(args: argparse.Namespace) -> int:
+    body = _admin_call(args, "/v1/services")
+    if body is None:
         return 1
     if args.json:
         print(json.dumps(body, indent=2))
@@ -130,6 +166,29 @@ def _age(seconds: float | None) -> str:
     if s < 86400:
         return f"{s // 3600}h{s % 3600 // 60:02d}m"
     return f"{s // 86400}d{s % 86400 // 3600}h"
+
+
+def _managed_line(managed: dict[str, Any]) -> str:
+    """One line on what the controller keeps and last did for a service."""
+    desired = managed.get("desired")
+    parts = [
+        f"managed, {managed.get('ready', 0)} ready"
+        + (f" of {desired} desired" if desired is not None else " (heal only)"),
+        f"heal={managed.get('heal')}",
+    ]
+    if managed.get("held"):
+        parts.append("stopped by the operator: " + ", ".join(managed["held"]))
+    last = managed.get("last_action")
+    if last:
+        parts.append(
+            f"last: {last['action']} {last['target']} ({last['reason']}): {last['result']}"
+        )
+    if managed.get("next_retry_at"):
+        parts.append(f"next retry in {_age(managed['next_retry_at'] - time.time())}")
+    for key in ("degraded", "refused", "problem"):
+        if managed.get(key):
+            parts.append(f"{key.upper()}: {managed[key]}")
+    return "; ".join(parts)
 
 
 def render_table(body: dict[str, Any], colour: bool = False) -> str:
@@ -158,8 +217,12 @@ def render_table(body: dict[str, Any], colour: bool = False) -> str:
         if colour and state in _COLOURS:
             cells[3] = f"\x1b[{_COLOURS[state]}m{cells[3]}\x1b[0m"
         lines.append("  ".join([*cells, row[-1]]).rstrip())
-    if len(rows) == 1:
+    if len(rows) == 1 and not any(s.get("controller") for s in body.get("services", [])):
         lines.append("(no services registered)")
+    for service in body.get("services", []):
+        managed = service.get("controller")
+        if managed:
+            lines.append(f"{service['name']}: {_managed_line(managed)}")
     if not body.get("synced", True):
         lines.append("warning: not synced with the Docker Engine; showing the last known state")
     for problem in body.get("problems", []):

@@ -14,6 +14,8 @@ from typing import Any
 from stablenet import __version__, native
 from stablenet.admin import AdminServer
 from stablenet.config import Config
+from stablenet.controller import Controller
+from stablenet.controller.loop import never_busy
 from stablenet.dns import DnsServer
 from stablenet.docker.networks import engine_networks
 from stablenet.docker.source import DockerSource
@@ -83,8 +85,23 @@ class Daemon:
             else None
         )
         self.events = EventLog(self.registry)
+        self.controller = (
+            Controller(
+                self.registry,
+                config.controller,
+                log=self.events,
+                busy=self.proxy.in_flight if self.proxy is not None else never_busy,
+            )
+            if config.controller.enabled
+            else None
+        )
         self.collector = Collector(
-            self.registry, source=self.source, health=self.health, dns=self.dns, proxy=self.proxy
+            self.registry,
+            source=self.source,
+            health=self.health,
+            dns=self.dns,
+            proxy=self.proxy,
+            controller=self.controller,
         )
         self.admin = AdminServer(
             self.registry,
@@ -92,6 +109,7 @@ class Daemon:
             config.admin.token,
             events=self.events,
             metrics=lambda: exposition(self.collector),
+            controller=self.controller,
         )
         self.stopping = asyncio.Event()
 
@@ -106,16 +124,21 @@ class Daemon:
 
     def loops(self) -> dict[str, Callable[[], Coroutine[Any, Any, None]]]:
         """Long-lived loops, by name; each runs in the daemon's TaskGroup."""
-        return {
+        loops = {
             "docker-source": self.source.run,
             "health": self.health.run,
             "events": self.events.run,
         }
+        if self.controller is not None:
+            loops["controller"] = self.controller.run
+        return loops
 
     async def run(self) -> None:
         """Start listeners, run the loops until ``stopping`` is set, then stop in order:
         listeners stop accepting and drain (in reverse start order), then loops are cancelled."""
         logger.info("stablenet %s starting (request path: %s)", __version__, native.describe())
+        if self.controller is not None:
+            self.controller.prepare()
         async with contextlib.AsyncExitStack() as listeners:
             for listener in self.listeners():
                 await listeners.enter_async_context(listener)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ class Event:
     at: float  # unix time of the snapshot that showed the change
     service: str
     endpoint: str
-    kind: str  # added, moved, state, removed, docker
+    kind: str  # added, moved, state, removed, docker, controller
     message: str
 
     def as_dict(self) -> dict[str, object]:
@@ -61,6 +62,10 @@ class EventLog:
         self._registry = registry
         self._events: collections.deque[Event] = collections.deque(maxlen=capacity)
         self._seq = itertools.count(1)
+
+    def add(self, service: str, endpoint: str, kind: str, message: str) -> None:
+        """Record a change another part made (the controller's actions)."""
+        self._events.append(Event(next(self._seq), time.time(), service, endpoint, kind, message))
 
     def since(self, seq: int = 0) -> list[Event]:
         return [e for e in self._events if e.seq > seq]

@@ -14,6 +14,7 @@ from prometheus_client.core import (
     Metric,
 )
 
+from stablenet.controller import Controller
 from stablenet.dns import DnsServer
 from stablenet.dns.stats import DnsStats
 from stablenet.docker.source import DockerSource, SourceStats
@@ -36,8 +37,10 @@ class Collector:
         health: HealthChecker | None = None,
         dns: DnsServer | None = None,
         proxy: Proxy | None = None,
+        controller: Controller | None = None,
     ) -> None:
         self._registry = registry
+        self._controller = controller
         self._source = source
         self._health = health
         self._dns = dns
@@ -53,6 +56,40 @@ class Collector:
             yield from self._dns_metrics(self._dns.stats)
         if self._proxy is not None:
             yield from self._proxy_metrics(self._proxy)
+        if self._controller is not None:
+            yield from self._controller_metrics(self._controller)
+
+    def _controller_metrics(self, controller: Controller) -> Iterable[Metric]:
+        actions = CounterMetricFamily(
+            "stablenet_controller_actions",
+            "Controller actions by service, action and reason.",
+            labels=["service", "action", "reason"],
+        )
+        for (service, action, reason), count in sorted(controller.actions.items()):
+            actions.add_metric([service, action, reason], count)
+        yield actions
+        replicas = GaugeMetricFamily(
+            "stablenet_service_replicas",
+            "Managed services' replicas: desired (the count kept) and ready.",
+            labels=["service", "kind"],
+        )
+        degraded = GaugeMetricFamily(
+            "stablenet_service_degraded",
+            "1 when the controller's breaker stopped acting on the service.",
+            labels=["service"],
+        )
+        for name, status in sorted(controller.status.items()):
+            if status.desired is not None:
+                replicas.add_metric([name, "desired"], status.desired)
+            replicas.add_metric([name, "ready"], status.ready)
+            degraded.add_metric([name], 1 if status.degraded else 0)
+        yield replicas
+        yield degraded
+        yield GaugeMetricFamily(
+            "stablenet_controller_active",
+            "1 when this stablenet holds the controller lock and acts.",
+            value=1 if controller.active else 0,
+        )
 
     def _registry_metrics(self) -> Iterable[Metric]:
         snap = self._registry.snapshot

@@ -30,11 +30,16 @@ async def test_dedicated_proxy_listener_gives_the_service_a_stable_dns_answer() 
 
 
 async def test_disabled_parts_are_not_built() -> None:
-    cfg = config.parse("[dns]\nenabled = false\n[proxy]\nenabled = false\n", env={})
+    cfg = config.parse(
+        "[dns]\nenabled = false\n[proxy]\nenabled = false\n[controller]\nenabled = false\n",
+        env={},
+    )
     daemon = Daemon(cfg)
-    assert daemon.dns is None and daemon.proxy is None
+    assert daemon.dns is None and daemon.proxy is None and daemon.controller is None
     assert [type(x).__name__ for x in daemon.listeners()] == ["AdminServer"]
     assert set(daemon.loops()) == {"docker-source", "health", "events"}
+    enabled = Daemon(config.parse("", env={}))
+    assert "controller" in enabled.loops()
 
 
 async def test_a_label_declared_listener_gives_a_stable_dns_answer_too() -> None:

@@ -158,8 +158,8 @@ class DockerSource:
                 try:
                     await self._session()
                 except Exception as exc:  # any failure ends the session; the loop reconnects
-                    cause = _unwrap(exc)
-                    self.stats.last_error = _describe(cause)
+                    cause = unwrap(exc)
+                    self.stats.last_error = describe(cause)
                     if not isinstance(cause, _CONNECTION_ERRORS + (DockerLost,)):
                         logger.error("Docker source failed; reconnecting", exc_info=cause)
                 was_synced = self._registry.snapshot.synced
@@ -202,7 +202,7 @@ class DockerSource:
             )
             queue: asyncio.Queue[Mapping[str, Any] | BaseException] = asyncio.Queue()
             reader = threading.Thread(
-                target=_read_events,
+                target=read_events,
                 args=(stream, asyncio.get_running_loop(), queue),
                 name="docker-events",
                 daemon=True,
@@ -224,8 +224,8 @@ class DockerSource:
                 tasks.create_task(self._watch_drains(session), name="docker-drains")
         finally:
             if stream is not None:
-                await self._call(_close_quietly, stream)
-            await self._call(_close_quietly, client)
+                await self._call(close_quietly, stream)
+            await self._call(close_quietly, client)
 
     async def _resync_loop(self, client: docker.APIClient) -> None:
         while True:
@@ -277,7 +277,7 @@ class DockerSource:
         while True:
             item = await queue.get()
             if isinstance(item, BaseException):
-                raise DockerLost(_describe(item))
+                raise DockerLost(describe(item))
             self._handle_event(session, item)
 
     def _handle_event(self, session: _Session, event: Mapping[str, Any]) -> None:
@@ -372,7 +372,7 @@ class DockerSource:
         return Upsert(ep)
 
 
-def _read_events(
+def read_events(
     stream: Any,
     loop: asyncio.AbstractEventLoop,
     queue: asyncio.Queue[Mapping[str, Any] | BaseException],
@@ -391,7 +391,7 @@ def _read_events(
         pass
 
 
-def _close_quietly(closable: Any) -> None:
+def close_quietly(closable: Any) -> None:
     try:
         closable.close()
     except Exception:  # closing a broken connection may fail; nothing to do about it
@@ -406,13 +406,13 @@ def _unreadable(inspect: Mapping[str, Any], exc: Exception) -> str:
     return f"container {name}: cannot read its inspect data ({type(exc).__name__}: {exc})"
 
 
-def _unwrap(exc: BaseException) -> BaseException:
+def unwrap(exc: BaseException) -> BaseException:
     """The first real error inside (nested) exception groups from a TaskGroup."""
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     return exc
 
 
-def _describe(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:200]

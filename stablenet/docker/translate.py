@@ -35,6 +35,9 @@ KNOWN_LABELS = frozenset(
         "health.host",
         "health.panic",
         "proxy.listen",
+        "replicas",
+        "heal",
+        "managed",
     )
 )
 _SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
@@ -92,13 +95,7 @@ def endpoint_from_inspect(inspect: Mapping[str, Any], settings: Settings) -> End
     elif not settings.exposed_by_default:
         return None
 
-    service = labels.get(LABEL + "service") or labels.get(COMPOSE_SERVICE) or name
-    service = service.strip().lower()
-    if not _SERVICE_NAME.match(service):
-        source = LABEL + "service" if LABEL + "service" in labels else None
-        if source is not None:
-            raise bad(source, "expected a DNS label: letters, digits, '-' or '_', at most 63")
-        service = _sanitize(service)
+    service = service_of(labels, name)
 
     network, address, address6, addresses = _choose_address(inspect, labels, name, settings)
     if address is None:
@@ -180,6 +177,20 @@ def endpoint_from_inspect(inspect: Mapping[str, Any], settings: Settings) -> End
         stop_timeout=_stop_timeout(config.get("StopTimeout")),
         listeners=listeners,
     )
+
+
+def service_of(labels: Mapping[str, str], name: str) -> str:
+    """The service a container belongs to: label stablenet.service, else the Compose service,
+    else the container name (made a DNS label). Raises LabelError for a bad stablenet.service."""
+    service = (labels.get(LABEL + "service") or labels.get(COMPOSE_SERVICE) or name).strip().lower()
+    if _SERVICE_NAME.match(service):
+        return service
+    if LABEL + "service" in labels:
+        raise LabelError(
+            f"container {name}: label {LABEL}service={labels[LABEL + 'service']!r} is not valid: "
+            "expected a DNS label: letters, digits, '-' or '_', at most 63"
+        )
+    return _sanitize(service)
 
 
 def _http_host_problem(host: str) -> str | None:

@@ -97,6 +97,10 @@ class Proxy(Server):
         """The service's counters (``None``: requests no service took)."""
         return self.dispatcher.count(service)
 
+    def in_flight(self, endpoint_id: str) -> int:
+        """Requests (and TCP connections) an endpoint is serving now: what draining waits for."""
+        return self.dispatcher.balancer.inflight.get(endpoint_id, 0)
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:

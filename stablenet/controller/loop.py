@@ -1,0 +1,862 @@
+"""The controller: follows the managed containers (their labels, Docker's events, the
+registry's health), tells an operator's stop from a crash, decides with ``plan.decide`` and
+carries the actions out through the Engine API: create a replica, wait until it is ready, drain
+and remove the one it replaces.
+
+How a stop is told from a crash: Docker reports a ``kill`` event for every stop or kill that
+goes through its API (docker stop/kill/rm -f, compose stop/down) before the ``die``. A ``die``
+that no ``kill`` preceded since the container's last start (the process exited, was OOM-killed,
+or was killed from outside Docker) is a failure; one preceded by a ``kill`` stablenet did not send
+is the operator's, and is never undone."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import docker
+import docker.errors
+
+from stablenet.config import ControllerConfig
+from stablenet.controller.engine import Engine, EventQueue
+from stablenet.controller.plan import (
+    LIVE,
+    Action,
+    Discard,
+    Grow,
+    Heal,
+    Replica,
+    Shrink,
+    Start,
+    View,
+    backoff_delay,
+    breaker_limit,
+    decide,
+    ready_count,
+)
+from stablenet.controller.spec import (
+    MANAGED,
+    Spec,
+    creates_containers,
+    is_managed,
+    spec_of,
+    unreplicable,
+)
+from stablenet.controller.state import ServiceState, State, StateDir
+from stablenet.controller.template import replica_plan
+from stablenet.docker.order import stop_timeout
+from stablenet.docker.source import DockerLost, default_client, describe, unwrap
+from stablenet.docker.translate import LabelError, event_time, service_of
+from stablenet.errors import StartupError
+from stablenet.events import EventLog
+from stablenet.model import Drain
+from stablenet.model import State as EpState
+from stablenet.registry import Registry, Snapshot
+
+logger = logging.getLogger(__name__)
+
+_TICK = 1.0  # re-decide at least this often (graces and backoffs expire without an event)
+_RECONNECT_CAP = 5.0
+_LOCK_POLL = 2.0
+_DRAIN_POLL = 0.05
+_NAME_TRIES = 50
+
+
+def never_busy(cid: str) -> int:
+    return 0
+
+
+@dataclass(slots=True)
+class LastAction:
+    action: str
+    target: str
+    reason: str
+    at: float
+    result: str = "running"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "action": self.action,
+            "target": self.target,
+            "reason": self.reason,
+            "at": self.at,
+            "result": self.result,
+        }
+
+
+@dataclass(slots=True)
+class ServiceStatus:
+    """What the admin API, the CLI and metrics show of a managed service."""
+
+    name: str
+    desired: int | None = None
+    ready: int = 0
+    replicas: int = 0  # counted: live, plus stopped by the operator
+    heal: str = "replace"
+    held: list[str] = field(default_factory=list)  # names of containers the operator stopped
+    last: LastAction | None = None
+    next_retry_at: float | None = None
+    degraded: str | None = None
+    refused: str | None = None
+    problem: str | None = None
+    in_flight: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "managed": True,
+            "desired": self.desired,
+            "ready": self.ready,
+            "replicas": self.replicas,
+            "heal": self.heal,
+            "held": list(self.held),
+            "last_action": None if self.last is None else self.last.as_dict(),
+            "next_retry_at": self.next_retry_at,
+            "degraded": self.degraded,
+            "refused": self.refused,
+            "problem": self.problem,
+            "in_flight": self.in_flight,
+        }
+
+
+@dataclass(slots=True)
+class _Member:
+    """A listed container with what the controller derived about it."""
+
+    id: str
+    name: str
+    service: str
+    labels: Mapping[str, str]
+    status: str
+    status_text: str
+    created: float
+
+
+class Controller:
+    """Runs in the daemon's task group; acts only while it holds the state directory's lock."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        config: ControllerConfig,
+        log: EventLog | None = None,
+        busy: Callable[[str], int] = never_busy,
+        client_factory: Callable[[], docker.APIClient] = default_client,
+    ) -> None:
+        self.registry = registry
+        self.config = config
+        self.log = log
+        self.busy = busy
+        self.dir = StateDir(config.state_dir)
+        self.state = State()
+        self.active = False  # holds the lock
+        self.connected = False
+        self.status: dict[str, ServiceStatus] = {}
+        self.actions: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        self._client_factory = client_factory
+        self._engine: Engine | None = None
+        self._changed = asyncio.Event()  # replaced on every change; waiters wake
+        self._acting: dict[str, str] = {}  # container id -> what stablenet is doing to it
+        self._operator_kill: set[str] = set()  # killed through the API, not by stablenet
+        self._oom: set[str] = set()
+        self._failed: dict[str, str] = {}  # container id -> why it failed
+        self._confirmed: set[str] = set()  # failures counted (Docker will not restart them)
+        self._exited: dict[str, int] = {}  # container id -> exit code of its last die
+        self._unhealthy_since: dict[str, float] = {}
+        self._inspects: dict[str, Mapping[str, Any]] = {}
+        self._in_flight: collections.Counter[str] = collections.Counter()
+        self._creating: collections.Counter[str] = collections.Counter()
+        self._reserved: set[str] = set()  # names of replicas being created
+        self._members: dict[str, _Member] = {}
+        self._ops: set[asyncio.Task[None]] = set()
+        self._passed = asyncio.Event()  # replaced after every reconcile pass
+        self.passes = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Create the state directory, or fail the start with the key and the fix."""
+        if not self.config.enabled:
+            return
+        try:
+            self.dir.prepare()
+        except OSError as exc:
+            raise StartupError(
+                f"controller.state_dir: cannot create {self.config.state_dir!r}: "
+                f"{exc.strerror or exc}; set controller.state_dir "
+                "(STABLENET_CONTROLLER_STATE_DIR) to a writable directory, or "
+                "controller.enabled = false"
+            ) from None
+
+    async def run(self) -> None:
+        if not self.config.enabled:
+            return
+        try:
+            await self._take_lock()
+            self.state = self.dir.load()
+            await self._sessions()
+        finally:
+            for task in list(self._ops):
+                task.cancel()
+            self.dir.unlock()
+            self.active = False
+
+    async def _take_lock(self) -> None:
+        warned = False
+        while not self.dir.lock():
+            if not warned:
+                logger.warning(
+                    "controller: another stablenet (pid %s) holds %s/controller.lock; this one "
+                    "serves but does not act on containers until that one stops",
+                    self.dir.holder(),
+                    self.dir.path,
+                )
+                warned = True
+            await asyncio.sleep(_LOCK_POLL)
+        self.active = True
+        if warned:
+            logger.info("controller: lock taken; acting on labelled services")
+
+    async def _sessions(self) -> None:
+        backoff = 0.25
+        while True:
+            try:
+                client = await asyncio.to_thread(self._client_factory)
+                engine = Engine(client)
+                try:
+                    await self._session(engine)
+                finally:
+                    self._engine = None
+                    self.connected = False
+                    await engine.close()
+            except Exception as exc:  # any failure ends the session; the loop reconnects
+                cause = unwrap(exc)
+                if not isinstance(cause, docker.errors.DockerException | OSError | DockerLost):
+                    logger.error("controller failed; reconnecting", exc_info=cause)
+                else:
+                    logger.debug("controller: engine unreachable: %s", describe(cause))
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _RECONNECT_CAP)
+
+    async def _session(self, engine: Engine) -> None:
+        queue = await engine.follow()
+        now = time.time()
+        if self.state.seen_until:
+            for event in await engine.past_events(self.state.seen_until, now):
+                if event_time(event) > self.state.seen_until:
+                    self._classify(event)
+        self.state.seen_until = now
+        self._save()
+        self._engine = engine
+        self.connected = True
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._consume(queue), name="controller-events")
+            tasks.create_task(self._follow_registry(), name="controller-registry")
+            while True:
+                changed = self._changed
+                await self._reconcile(engine)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_TICK):
+                        await changed.wait()
+                await asyncio.sleep(0.05)  # let a burst of events settle into one pass
+
+    def _pulse(self) -> None:
+        woken, self._changed = self._changed, asyncio.Event()
+        woken.set()
+
+    async def _follow_registry(self) -> None:
+        async for _snap in self.registry.watch(self.registry.snapshot.version):
+            self._pulse()
+
+    async def _consume(self, queue: EventQueue) -> None:
+        while True:
+            item = await queue.get()
+            if isinstance(item, BaseException):
+                raise DockerLost(describe(item))
+            self._classify(item)
+
+    # -- events: the operator's stops, crashes, removals ------------------------------------
+
+    def _classify(self, event: Mapping[str, Any]) -> None:
+        actor = event.get("Actor") or {}
+        attrs: Mapping[str, str] = actor.get("Attributes") or {}
+        cid = str(actor.get("ID") or "")
+        if not cid or not is_managed(attrs):
+            return
+        name = str(attrs.get("name") or cid[:12])
+        try:
+            service = service_of(attrs, name)
+        except LabelError:
+            return
+        verb = str(event.get("Action") or event.get("status") or "").split(":", 1)[0].strip()
+        at = event_time(event)
+        svc = self.state.service(service)
+        if verb == "start":
+            self._operator_kill.discard(cid)
+            self._oom.discard(cid)
+            self._failed.pop(cid, None)
+            self._confirmed.discard(cid)
+            self._exited.pop(cid, None)
+            if cid in svc.held:
+                svc.held.remove(cid)
+                self._note(service, name, "started by the operator: counted again")
+        elif verb == "kill" and cid not in self._acting:
+            self._operator_kill.add(cid)
+        elif verb == "oom":
+            self._oom.add(cid)
+        elif verb == "die":
+            code = _int(attrs.get("exitCode"))
+            self._exited[cid] = code
+            if cid in self._acting:
+                pass
+            elif cid in self._operator_kill:
+                if cid not in svc.held:
+                    svc.held.append(cid)
+                self._note(service, name, "stopped by the operator: left stopped")
+            else:
+                self._failed[cid] = _why_died(code, cid in self._oom)
+        elif verb == "destroy":
+            operator = cid not in self._acting and (cid in svc.held or cid in self._operator_kill)
+            if cid in svc.held:
+                svc.held.remove(cid)
+            for table in (self._operator_kill, self._oom, self._confirmed):
+                table.discard(cid)
+            for mapping in (self._failed, self._exited, self._unhealthy_since, self._inspects):
+                mapping.pop(cid, None)
+            if operator:
+                svc.released += 1
+                self._note(service, name, "removed by the operator: the count is one lower")
+        elif verb == "create" and attrs.get(MANAGED) != "true":
+            if svc.released > 0:
+                svc.released -= 1
+            if svc.degraded is not None:
+                svc.degraded = None
+                svc.streak = 0
+                self._note(service, name, "a new container from the operator: breaker reset")
+        if at:
+            self.state.seen_until = max(self.state.seen_until, at)
+        self._pulse()
+
+    # -- reconcile ------------------------------------------------------------------------------
+
+    async def _reconcile(self, engine: Engine) -> None:
+        listed = await engine.managed()
+        now = time.time()
+        snap = self.registry.snapshot
+        members: dict[str, _Member] = {}
+        groups: dict[str, list[_Member]] = {}
+        problems: dict[str, str] = {}
+        for item in listed:
+            member = _member(item)
+            if isinstance(member, str):
+                problems.setdefault(_fallback_service(item), member)
+                continue
+            members[member.id] = member
+            groups.setdefault(member.service, []).append(member)
+        self._members = members
+        for member in members.values():
+            if member.id in self._failed and member.id not in self._confirmed:
+                await self._confirm_failure(engine, member)
+        for service in set(self.state.services) - set(groups) - set(problems):
+            if self._in_flight[service]:
+                continue
+            self.state.services.pop(service, None)
+            if self.status.pop(service, None) is not None:
+                self._note(service, "", "every container is gone: no longer managed")
+        for service, problem in problems.items():
+            if service not in groups:
+                self.status[service] = ServiceStatus(service, problem=problem)
+        for service, group in sorted(groups.items()):
+            await self._reconcile_service(engine, service, group, snap, now)
+        for gone in set(self._inspects) - set(members):
+            self._inspects.pop(gone, None)
+        self._save()
+        self.passes += 1
+        passed, self._passed = self._passed, asyncio.Event()
+        passed.set()
+
+    async def until(self, predicate: Callable[[Controller], bool]) -> None:
+        """Return once ``predicate`` holds after a reconcile pass (or already holds). Bound
+        the wait with ``asyncio.timeout``."""
+        while not predicate(self):
+            await self._passed.wait()
+
+    async def _confirm_failure(self, engine: Engine, member: _Member) -> None:
+        """A container died on its own: a failure unless Docker's restart policy brings it
+        back (then it is Docker's to handle)."""
+        if member.status not in ("exited", "dead"):
+            return  # listed before it died (its next start event clears the failure)
+        inspect = await engine.inspect(member.id)
+        if inspect is None:
+            return
+        if _docker_restarts(inspect):
+            self._failed.pop(member.id, None)
+            return
+        why = self._failed[member.id]
+        self._confirmed.add(member.id)
+        logger.warning("controller: %s (service %s) %s", member.name, member.service, why)
+        self._note(member.service, member.name, f"failed: {why}")
+        self._count_failure(member.service, why)
+
+    async def _reconcile_service(
+        self, engine: Engine, service: str, group: list[_Member], snap: Snapshot, now: float
+    ) -> None:
+        svc = self.state.service(service)
+        lead = max(group, key=lambda m: (m.labels.get(MANAGED) != "true", m.created))
+        status = self.status.setdefault(service, ServiceStatus(service))
+        try:
+            spec = spec_of(lead.labels, lead.name, self.config.heal)
+        except LabelError as exc:
+            status.problem = str(exc)
+            return
+        status.problem = None
+        desired = spec.replicas if svc.scale is None else svc.scale
+        if desired is not None:
+            desired = max(0, desired - svc.released)
+        replicas = tuple(self._replica(m, svc, snap, now) for m in group)
+        refused = await self._refusal(engine, spec, desired, replicas)
+        if refused is not None and status.refused != refused:
+            logger.warning("controller: service %s cannot be replicated: %s", service, refused)
+        view = View(
+            name=service,
+            replicas=replicas,
+            desired=desired,
+            heal=spec.heal,
+            in_flight=self._in_flight[service],
+            creating=self._creating[service],
+            next_try=self._next_try(svc, now),
+            degraded=svc.degraded,
+            refused=refused,
+        )
+        status.desired = desired
+        status.heal = spec.heal
+        status.ready = ready_count(view)
+        status.replicas = sum(1 for r in replicas if (r.status in LIVE and not r.failed) or r.held)
+        status.held = sorted(r.name for r in replicas if r.held)
+        status.degraded = svc.degraded
+        status.refused = refused
+        status.next_retry_at = view.next_try if view.next_try > now else None
+        for action in decide(view, now, self.config.unhealthy_grace):
+            self._launch(service, action, group)
+        status.in_flight = self._in_flight[service]
+
+    def _replica(self, m: _Member, svc: ServiceState, snap: Snapshot, now: float) -> Replica:
+        ep = snap.endpoints.get(m.id)
+        unhealthy = m.status == "running" and (
+            (ep is not None and ep.state is EpState.UNHEALTHY) or "(unhealthy)" in m.status_text
+        )
+        since: float | None = None
+        if unhealthy:
+            since = self._unhealthy_since.setdefault(m.id, now)
+        else:
+            self._unhealthy_since.pop(m.id, None)
+        failed = self._failed.get(m.id) if m.id in self._confirmed else None
+        found_stopped = (
+            m.status in ("exited", "dead") and m.id not in self._failed and m.id not in self._acting
+        )
+        return Replica(
+            id=m.id,
+            name=m.name,
+            created=m.created,
+            status=m.status,
+            ready=self._ready(m, snap),
+            unhealthy_since=since,
+            held=m.id in svc.held or found_stopped,
+            failed=failed,
+            ours=m.labels.get(MANAGED) == "true",
+            started=m.status != "created",
+            busy=m.id in self._acting,
+        )
+
+    def _ready(self, m: _Member, snap: Snapshot) -> bool:
+        """Ready as the proxy sees it; for a container the registry does not carry (not
+        exposed, or a label problem), running and not failing Docker's HEALTHCHECK."""
+        if m.status != "running":
+            return False
+        ep = snap.endpoints.get(m.id)
+        if ep is not None:
+            return ep.state is EpState.READY
+        if m.id in snap.problems or any(e.service == m.service for e in snap.endpoints.values()):
+            return False
+        return "(health: starting)" not in m.status_text and "(unhealthy)" not in m.status_text
+
+    async def _refusal(
+        self, engine: Engine, spec: Spec, desired: int | None, replicas: tuple[Replica, ...]
+    ) -> str | None:
+        if not creates_containers(Spec(desired, spec.heal)):
+            return None
+        for replica in sorted(replicas, key=lambda r: (r.ours, -r.created)):
+            inspect = await self._inspect(engine, replica.id)
+            if inspect is not None:
+                return unreplicable(inspect)
+        return None
+
+    async def _inspect(self, engine: Engine, cid: str) -> Mapping[str, Any] | None:
+        cached = self._inspects.get(cid)
+        if cached is None:
+            cached = await engine.inspect(cid)
+            if cached is not None:
+                self._inspects[cid] = cached
+        return cached
+
+    def _next_try(self, svc: ServiceState, now: float) -> float:
+        if not svc.streak or now - svc.last_failure > self.config.backoff_reset:
+            return 0.0
+        return svc.last_failure + backoff_delay(
+            svc.streak, self.config.backoff, self.config.backoff_max
+        )
+
+    def _count_failure(self, service: str, why: str) -> None:
+        """One more failure in a row: backoff grows; past the limit the breaker trips."""
+        svc = self.state.service(service)
+        now = time.time()
+        if now - svc.last_failure > self.config.backoff_reset:
+            svc.streak = 0
+        svc.streak += 1
+        svc.last_failure = now
+        status = self.status.get(service)
+        desired = status.desired if status is not None else None
+        limit = breaker_limit(desired, self.config.breaker)
+        if svc.streak > limit and svc.degraded is None:
+            svc.degraded = (
+                f"{svc.streak - 1} replacements failed in a row (last: {why}); the last broken "
+                "container is kept for inspection; `stablenet scale` or a new container from "
+                "the operator resets this"
+            )
+            logger.error("controller: service %s is degraded: %s", service, svc.degraded)
+            self._note(service, "", f"degraded: {svc.degraded}")
+        elif svc.streak > 1:
+            delay = backoff_delay(svc.streak, self.config.backoff, self.config.backoff_max)
+            self._note(service, "", f"failure {svc.streak} in a row: next attempt in {delay:g}s")
+        self._save()
+
+    # -- actions --------------------------------------------------------------------------------
+
+    def _launch(self, service: str, action: Action, group: list[_Member]) -> None:
+        kind = type(action).__name__.lower()
+        target = action.template if isinstance(action, Grow) else action.target
+        name = next((m.name for m in group if m.id == target), target[:12])
+        if not isinstance(action, Grow):
+            self._acting[target] = kind
+        self._in_flight[service] += 1
+        last = LastAction(
+            kind if not isinstance(action, Heal) else action.how, name, action.reason, time.time()
+        )
+        self.status[service].last = last
+        self.actions[(service, last.action, _reason_kind(action.reason))] += 1
+        logger.info(
+            "controller: %s %s of service %s: %s", last.action, name, service, action.reason
+        )
+        task = asyncio.get_running_loop().create_task(
+            self._operate(service, action, last), name=f"controller-{kind}-{service}"
+        )
+        self._ops.add(task)
+        task.add_done_callback(self._ops.discard)
+
+    async def _operate(self, service: str, action: Action, last: LastAction) -> None:
+        engine = self._engine
+        target = "" if isinstance(action, Grow) else action.target
+        try:
+            if engine is None:
+                raise DockerLost("not connected")
+            match action:
+                case Start():
+                    result = await self._start(engine, service, action.target)
+                case Grow():
+                    result = await self._grow(engine, service, action.template, None)
+                case Heal(how="replace"):
+                    result = await self._grow(engine, service, action.target, action.target)
+                case Heal():
+                    result = await self._restart(engine, service, action.target)
+                case Shrink():
+                    result = await self._retire(engine, action.target)
+                case Discard():
+                    await engine.remove(action.target)
+                    result = "removed"
+        except asyncio.CancelledError:
+            last.result = "interrupted"
+            raise
+        except Exception as exc:
+            result = f"failed: {describe(unwrap(exc))}"
+            logger.warning("controller: %s of service %s %s", last.action, service, result)
+        finally:
+            self._in_flight[service] -= 1
+            if target:
+                self._acting.pop(target, None)
+            self._pulse()
+        last.result = result
+        self._note(service, last.target, f"{last.action} ({last.reason}): {result}")
+
+    async def _start(self, engine: Engine, service: str, cid: str) -> str:
+        changed = self._changed
+        await engine.start(cid)
+        return await self._settle(engine, service, cid, changed, time.monotonic())
+
+    async def _grow(self, engine: Engine, service: str, template: str, replaced: str | None) -> str:
+        """Create a replica from ``template``; once it is ready, retire ``replaced``."""
+        inspect = await engine.inspect(template)
+        if inspect is None:
+            raise DockerLost(f"template container {template[:12]} is gone")
+        plan = replica_plan(inspect, service)
+        began = time.monotonic()
+        self._creating[service] += 1  # counted before the engine lists it
+        try:
+            cid, name = await self._create(engine, service, plan)
+            self._acting[cid] = "create"
+        finally:
+            self._creating[service] -= 1
+        try:
+            changed = self._changed
+            try:
+                await engine.start(cid)
+            except docker.errors.APIError as exc:
+                why = f"cannot start: {describe(exc)}"
+                self._failed[cid] = why
+                self._confirmed.add(cid)
+                self._count_failure(service, why)
+                return f"{name} {why}"
+            outcome = await self._settle(engine, service, cid, changed, began)
+        finally:
+            self._acting.pop(cid, None)
+        if not outcome.startswith("ready"):
+            if replaced is not None and self._members.get(replaced, None) is not None:
+                if self._members[replaced].status in ("exited", "dead"):
+                    await engine.remove(replaced)  # keep only the newest broken container
+            return f"{name} {outcome}"
+        if replaced is not None:
+            await self._retire(engine, replaced)
+            return f"{name} {outcome}; replaced {self._name(replaced)}"
+        return f"{name} {outcome}"
+
+    async def _create(self, engine: Engine, service: str, plan: Any) -> tuple[str, str]:
+        taken = {m.name for m in self._members.values()} | self._reserved
+        number = 0
+        for _ in range(_NAME_TRIES):
+            number += 1
+            while f"{service}-{number}" in taken:
+                number += 1
+            name = f"{service}-{number}"
+            self._reserved.add(name)
+            try:
+                return await engine.create(plan, name), name
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:  # 409: the name is taken by a container we don't list
+                    raise
+                taken.add(name)
+            finally:
+                self._reserved.discard(name)
+        raise DockerLost(f"no free name {service}-N after {_NAME_TRIES} tries")
+
+    async def _restart(self, engine: Engine, service: str, cid: str) -> str:
+        began = time.monotonic()
+        member = self._members.get(cid)
+        if member is not None and member.status == "running":
+            await self._drain(cid)
+        changed = self._changed
+        ep = self.registry.snapshot.endpoints.get(cid)
+        await engine.restart(cid, stop_timeout(ep) if ep is not None else None)
+        return await self._settle(engine, service, cid, changed, began)
+
+    async def _settle(
+        self, engine: Engine, service: str, cid: str, changed: asyncio.Event, began: float
+    ) -> str:
+        """Wait until the container is ready, or it dies, or controller.ready_timeout passes.
+        A container that does not get ready counts as a failure and is left for healing."""
+        deadline = began + self.config.ready_timeout
+        while True:
+            member = await self._fresh(engine, cid)
+            if member is None:
+                why = "was removed before it was ready"
+                break
+            if self._ready(member, self.registry.snapshot):
+                return f"ready in {time.monotonic() - began:.2f}s"
+            if member.status in ("exited", "dead"):
+                code = self._exited.get(cid)
+                why = _why_died(code if code is not None else -1, cid in self._oom)
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                why = f"not ready after {self.config.ready_timeout:g}s"
+                break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(remaining, _TICK)):
+                    await changed.wait()
+            changed = self._changed
+        self._failed[cid] = why
+        self._confirmed.add(cid)
+        self._count_failure(service, why)
+        return why
+
+    async def _fresh(self, engine: Engine, cid: str) -> _Member | None:
+        inspect = await engine.inspect(cid)
+        if inspect is None:
+            return None
+        state = inspect.get("State") or {}
+        health = (state.get("Health") or {}).get("Status")
+        config = inspect.get("Config") or {}
+        labels = config.get("Labels") or {}
+        name = str(inspect.get("Name") or "").lstrip("/")
+        text = "Up" if state.get("Running") else "Exited"
+        if health == "starting":
+            text += " (health: starting)"
+        elif health:
+            text += f" ({health})"
+        member = _Member(
+            cid, name, service_of(labels, name), labels, str(state.get("Status") or ""), text,
+            self._members[cid].created if cid in self._members else time.time(),
+        )  # fmt: skip
+        self._members[cid] = member
+        return member
+
+    async def _retire(self, engine: Engine, cid: str) -> str:
+        """Drain (no new requests; in-flight ones finish, up to controller.drain_timeout),
+        stop with the container's own stop timeout, remove."""
+        self._acting.setdefault(cid, "retire")
+        try:
+            await self._drain(cid)
+            ep = self.registry.snapshot.endpoints.get(cid)
+            with contextlib.suppress(docker.errors.NotFound):
+                await engine.stop(cid, stop_timeout(ep) if ep is not None else None)
+            await engine.remove(cid)
+        finally:
+            self._acting.pop(cid, None)
+        return "drained and removed"
+
+    async def _drain(self, cid: str) -> None:
+        if cid in self.registry.snapshot.endpoints:
+            self.registry.apply([Drain(cid)])
+        deadline = time.monotonic() + self.config.drain_timeout
+        # The proxy's per-endpoint count has no notification; a short poll bounds the wait.
+        while self.busy(cid) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(_DRAIN_POLL)
+
+    # -- the operator's count -----------------------------------------------------------------
+
+    def scale(self, service: str, replicas: int) -> str | None:
+        """Set a service's count (persisted); None, or why it cannot be done."""
+        if not self.config.enabled:
+            return "the controller is off (controller.enabled = false)"
+        if not self.active:
+            return (
+                f"another stablenet (pid {self.dir.holder()}) acts on this engine; "
+                "scale through its admin API"
+            )
+        if service not in self.status:
+            return (
+                f"no managed service named {service!r}; label its containers with "
+                "stablenet.replicas=N or stablenet.heal"
+            )
+        svc = self.state.service(service)
+        svc.scale = replicas
+        svc.released = 0
+        svc.streak = 0
+        svc.degraded = None
+        self._save()
+        self._note(service, "", f"count set to {replicas} by `stablenet scale`")
+        self.actions[(service, "scale", "operator")] += 1
+        self._pulse()
+        return None
+
+    # -- reporting ----------------------------------------------------------------------------
+
+    def services(self) -> dict[str, dict[str, Any]]:
+        return {name: status.as_dict() for name, status in sorted(self.status.items())}
+
+    def _note(self, service: str, endpoint: str, message: str) -> None:
+        logger.info("controller: %s%s: %s", service, f"/{endpoint}" if endpoint else "", message)
+        if self.log is not None:
+            self.log.add(service, endpoint, "controller", message)
+
+    def _name(self, cid: str) -> str:
+        member = self._members.get(cid)
+        return member.name if member is not None else cid[:12]
+
+    def _save(self) -> None:
+        if not self.active:
+            return
+        try:
+            self.dir.save(self.state)
+        except OSError as exc:
+            logger.error("controller: cannot write its state to %s: %s", self.dir.path, exc)
+
+
+def _member(item: Mapping[str, Any]) -> _Member | str:
+    labels: Mapping[str, str] = item.get("Labels") or {}
+    names = item.get("Names") or []
+    name = str(names[0]).lstrip("/") if names else str(item["Id"])[:12]
+    try:
+        service = service_of(labels, name)
+    except LabelError as exc:
+        return str(exc)
+    return _Member(
+        id=str(item["Id"]),
+        name=name,
+        service=service,
+        labels=labels,
+        status=str(item.get("State") or ""),
+        status_text=str(item.get("Status") or ""),
+        created=float(item.get("Created") or 0),
+    )
+
+
+def _fallback_service(item: Mapping[str, Any]) -> str:
+    names = item.get("Names") or []
+    return str(names[0]).lstrip("/") if names else str(item["Id"])[:12]
+
+
+def _docker_restarts(inspect: Mapping[str, Any]) -> bool:
+    """Whether Docker's own restart policy brings this exited container back."""
+    state = inspect.get("State") or {}
+    if state.get("Restarting") or state.get("Running"):
+        return True
+    policy = (inspect.get("HostConfig") or {}).get("RestartPolicy") or {}
+    name = policy.get("Name") or "no"
+    if name in ("always", "unless-stopped"):
+        return True
+    if name == "on-failure" and _int(state.get("ExitCode")) != 0:
+        limit = _int(policy.get("MaximumRetryCount"))
+        return limit == 0 or _int(inspect.get("RestartCount")) < limit
+    return False
+
+
+def _why_died(code: int, oom: bool) -> str:
+    if oom:
+        return "OOM-killed"
+    if code == 137:
+        return "killed (SIGKILL from outside Docker)"
+    if code > 128:
+        return f"killed by signal {code - 128}"
+    if code < 0:
+        return "exited"
+    return f"exited with code {code}"
+
+
+def _reason_kind(reason: str) -> str:
+    """A short, bounded label value for metrics."""
+    for word, kind in (
+        ("OOM", "oom"),
+        ("killed", "killed"),
+        ("exited", "exited"),
+        ("unhealthy", "unhealthy"),
+        ("cannot start", "start_failed"),
+        ("not ready", "not_ready"),
+        ("for a count", "above_count"),
+        ("replicas", "below_count"),
+        ("never started", "unstarted"),
+        ("count is met", "surplus"),
+    ):
+        if word in reason:
+            return kind
+    return "other"
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0

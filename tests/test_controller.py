@@ -1,0 +1,410 @@
+"""The controller against the real engine: healing a process killed from the host, replacing an
+unhealthy replica (ready before the old one goes), backoff and breaker on a crash loop, the
+operator's stop and removal respected, scaling that survives a restart, no duplicates after a
+restart, unmanaged containers never touched, faithful replicas and refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import docker
+import docker.errors
+import pytest
+
+from stablenet.admin import AdminServer
+from stablenet.config import ControllerConfig, HealthConfig
+from stablenet.controller import Controller
+from stablenet.events import EventLog
+from stablenet.health.checker import HealthChecker
+from stablenet.model import State as EpState
+from stablenet.registry import Registry
+from tests.helpers import Containers, free_port, until
+
+FAST = ControllerConfig(
+    state_dir="/unused",
+    unhealthy_grace=1.0,
+    ready_timeout=15.0,
+    drain_timeout=2.0,
+    backoff=0.5,
+    backoff_max=4.0,
+    backoff_reset=600.0,
+)
+HEALTH = {
+    "stablenet.port": "80",
+    "stablenet.health.path": "/healthz",
+    "stablenet.health.interval": "200ms",
+    "stablenet.health.timeout": "200ms",
+    "stablenet.health.fall": "1",
+}
+CRASH = ["sh", "-c", "sleep 0.2; exit 3"]
+
+
+@dataclass
+class Harness:
+    registry: Registry
+    client: docker.DockerClient
+    containers: Containers
+    state_dir: Path
+    log: EventLog
+    controller: Controller | None = None
+    task: asyncio.Task[None] | None = None
+    health: asyncio.Task[None] | None = None
+
+    async def start(self, config: ControllerConfig | None = None) -> Controller:
+        """A controller with its own state directory, once it follows the engine's events."""
+        cfg = replace(config or FAST, state_dir=str(self.state_dir))
+        ctl = Controller(self.registry, cfg, log=self.log)
+        ctl.prepare()
+        self.controller = ctl
+        self.task = asyncio.get_running_loop().create_task(ctl.run())
+        if self.health is None:
+            checker = HealthChecker(self.registry, HealthConfig())
+            self.health = asyncio.get_running_loop().create_task(checker.run())
+        await self.settle(lambda c: c.passes >= 1, 20)
+        return ctl
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+            self.task = None
+
+    async def close(self) -> None:
+        await self.stop()
+        if self.health is not None:
+            self.health.cancel()
+            await asyncio.gather(self.health, return_exceptions=True)
+
+    @property
+    def ctl(self) -> Controller:
+        assert self.controller is not None
+        return self.controller
+
+    def members(self, service: str, all: bool = True) -> list[Any]:
+        found = self.client.containers.list(
+            all=all, filters={"label": f"stablenet.service={service}"}
+        )
+        return sorted(found, key=lambda c: c.name)
+
+    def running(self, service: str) -> list[str]:
+        return [c.name for c in self.members(service, all=False)]
+
+    async def settle(self, predicate: Callable[[Controller], bool], within: float) -> None:
+        try:
+            async with asyncio.timeout(within):
+                await self.ctl.until(predicate)
+        except TimeoutError:
+            raise AssertionError(
+                f"not settled in {within}s; controller saw {self.ctl.services()}; "
+                f"events: {[e.as_dict() for e in self.log.since(0)]}"
+            ) from None
+
+    def messages(self, service: str) -> list[str]:
+        return [e.message for e in self.log.since(0) if e.service == service]
+
+
+def ready_names(registry: Registry, service: str) -> set[str]:
+    return {ep.name for ep in registry.snapshot.ready.get(service, ())}
+
+
+def status(ctl: Controller, service: str) -> Any:
+    return ctl.status.get(service)
+
+
+def at_count(service: str, ready: int, desired: int | None = None) -> Callable[[Controller], bool]:
+    def check(ctl: Controller) -> bool:
+        st = ctl.status.get(service)
+        return (
+            st is not None
+            and st.ready == ready
+            and st.in_flight == 0
+            and (desired is None or st.desired == desired)
+        )
+
+    return check
+
+
+@pytest.fixture
+async def harness(
+    registry: Registry,
+    docker_client: docker.DockerClient,
+    containers: Containers,
+    tmp_path: Path,
+) -> AsyncIterator[Harness]:
+    h = Harness(registry, docker_client, containers, tmp_path / "state", EventLog(registry))
+    yield h
+    await h.close()
+    for c in docker_client.containers.list(all=True, filters={"label": "stablenet.managed"}):
+        if c.labels.get("stablenet.service", "").startswith(containers.prefix):
+            with contextlib.suppress(docker.errors.NotFound):
+                c.remove(force=True)
+
+
+def labels(service: str, **more: str) -> dict[str, str]:
+    return {"stablenet.service": service, **more}
+
+
+async def test_a_process_killed_from_the_host_is_replaced_and_the_count_kept(
+    harness: Harness,
+) -> None:
+    svc = harness.containers.name("web")
+    ctl = await harness.start()
+    harness.containers.run("web", labels=labels(svc, **{"stablenet.replicas": "2"}))
+    # An unmanaged container, killed the same way: never touched.
+    stray = harness.containers.run("stray", labels={"stablenet.service": svc + "x"})
+    await harness.settle(at_count(svc, 2, 2), 30)
+    assert len(harness.running(svc)) == 2
+    victim = harness.members(svc, all=False)[0]
+    victim.reload()
+    stray.reload()
+    # SIGKILL from outside the Engine API: Docker reports only `die`, no `kill`.
+    os.kill(int(victim.attrs["State"]["Pid"]), signal.SIGKILL)
+    os.kill(int(stray.attrs["State"]["Pid"]), signal.SIGKILL)
+    began = time.monotonic()
+    await harness.settle(
+        lambda c: at_count(svc, 2, 2)(c) and victim.name not in harness.running(svc), 30
+    )
+    healed = time.monotonic() - began
+    names = [c.name for c in harness.members(svc)]
+    assert victim.name not in names  # replaced, then removed
+    assert len(names) == 2
+    assert healed < 15
+    assert any("killed (SIGKILL from outside Docker)" in m for m in harness.messages(svc))
+    assert ctl.actions[(svc, "replace", "killed")] == 1
+    stray.reload()
+    assert stray.status == "exited"
+    assert svc + "x" not in ctl.status
+    assert harness.members(svc + "x") == [stray] or len(harness.members(svc + "x")) == 1
+
+
+async def test_an_unhealthy_replica_is_replaced_and_the_new_one_is_ready_first(
+    harness: Harness,
+) -> None:
+    svc = harness.containers.name("api")
+    await harness.start()
+    sick = harness.containers.run(
+        "api", labels=labels(svc, **HEALTH, **{"stablenet.replicas": "1"})
+    )
+    await until(harness.registry, lambda s: ready_names(harness.registry, svc) == {sick.name}, 30)
+    seen: list[tuple[set[str], bool]] = []
+
+    async def watch() -> None:
+        async for snap in harness.registry.watch(harness.registry.snapshot.version):
+            old = snap.endpoints.get(sick.id)
+            routable = {ep.name for ep in snap.ready.get(svc, ())}
+            seen.append((routable, old is not None and old.state is EpState.DRAINING))
+
+    watcher = asyncio.get_running_loop().create_task(watch())
+    try:
+        sick.exec_run(["rm", "/www/healthz"])
+        await harness.settle(
+            lambda c: at_count(svc, 1, 1)(c) and sick.name not in harness.running(svc), 40
+        )
+    finally:
+        watcher.cancel()
+    fresh = [c.name for c in harness.members(svc)]
+    assert len(fresh) == 1 and fresh[0] != sick.name
+    # The replacement was routable before the unhealthy one was drained: never zero replicas
+    # that could take a request once the new one was ready.
+    drained_at = next(i for i, (_, draining) in enumerate(seen) if draining)
+    ready_at = next(i for i, (names, _) in enumerate(seen) if fresh[0] in names)
+    assert ready_at < drained_at
+    assert any("unhealthy for" in m for m in harness.messages(svc))
+
+
+async def test_a_crash_loop_backs_off_and_trips_the_breaker(harness: Harness) -> None:
+    svc = harness.containers.name("crash")
+    ctl = await harness.start()
+    harness.containers.run(
+        "crash", labels=labels(svc, **{"stablenet.replicas": "1"}), command=CRASH
+    )
+    await harness.settle(lambda c: bool(c.status.get(svc) and c.status[svc].degraded), 60)
+    attempts = [
+        e for e in harness.log.since(0) if e.service == svc and e.message.startswith("replace")
+    ]
+    assert len(attempts) == 3  # the first failure, then max(3, 1/2) failed replacements
+    gaps = [b.at - a.at for a, b in zip(attempts, attempts[1:], strict=False)]
+    assert gaps[0] >= FAST.backoff * 0.9 and gaps[1] >= FAST.backoff * 2 * 0.9
+    # The last broken container is kept for inspection, and nothing more is tried.
+    kept = harness.members(svc)
+    assert len(kept) == 1 and kept[0].status == "exited"
+    passes = ctl.passes
+    await harness.settle(lambda c: c.passes >= passes + 3, 10)
+    assert [c.id for c in harness.members(svc)] == [kept[0].id]
+    assert "replacements failed in a row" in (ctl.status[svc].degraded or "")
+
+
+async def test_the_operator_stop_and_removal_are_never_undone(harness: Harness) -> None:
+    svc = harness.containers.name("op")
+    ctl = await harness.start()
+    harness.containers.run("op", labels=labels(svc, **{"stablenet.replicas": "2"}))
+    await harness.settle(at_count(svc, 2, 2), 30)
+    first, second = harness.members(svc, all=False)
+    first.stop(timeout=1)
+    await harness.settle(lambda c: c.status[svc].held == [first.name], 20)
+    passes = ctl.passes
+    await harness.settle(lambda c: c.passes >= passes + 3, 10)
+    first.reload()
+    assert first.status == "exited"
+    assert len(harness.members(svc)) == 2  # no replacement for a stopped container
+    first.start()
+    await harness.settle(lambda c: c.status[svc].held == [] and at_count(svc, 2)(c), 20)
+    second.remove(force=True)
+    await harness.settle(lambda c: c.status[svc].desired == 1, 20)
+    passes = ctl.passes
+    await harness.settle(lambda c: c.passes >= passes + 3, 10)
+    assert [c.name for c in harness.members(svc)] == [first.name]
+    assert any("removed by the operator" in m for m in harness.messages(svc))
+
+
+async def test_scale_through_the_admin_api_survives_a_restart_without_duplicates(
+    harness: Harness,
+) -> None:
+    svc = harness.containers.name("sc")
+    ctl = await harness.start()
+    harness.containers.run("sc", labels=labels(svc, **{"stablenet.replicas": "2"}))
+    await harness.settle(at_count(svc, 2, 2), 30)
+    admin = AdminServer(
+        harness.registry, f"127.0.0.1:{free_port()}", token="s3cret", controller=ctl
+    )
+    async with admin, aiohttp.ClientSession() as http:
+        url = f"http://127.0.0.1:{admin.port}/v1/services/{svc}/scale"
+        auth = {"Authorization": "Bearer s3cret"}
+        async with http.post(url, json={"replicas": 3}) as resp:
+            assert resp.status == 401
+        async with http.post(url, data="replicas=3", headers=auth) as resp:
+            assert resp.status == 415  # not JSON: what a cross-site form could send
+        async with http.post(url, json={"replicas": -1}, headers=auth) as resp:
+            assert resp.status == 400
+        async with http.post(url, json={"replicas": 3}, headers=auth) as resp:
+            assert resp.status == 200, await resp.text()
+        await harness.settle(at_count(svc, 3, 3), 30)
+        async with http.post(url, json={"replicas": 1}, headers=auth) as resp:
+            assert resp.status == 200
+        await harness.settle(
+            lambda c: at_count(svc, 1, 1)(c) and len(harness.members(svc)) == 1, 30
+        )
+        async with http.get(f"http://127.0.0.1:{admin.port}/v1/services/{svc}", headers=auth) as r:
+            body = await r.json()
+    assert body["controller"]["desired"] == 1 and body["controller"]["ready"] == 1
+    survivor = harness.members(svc)[0].name
+    assert survivor == harness.containers.name("sc")  # the newest went first
+    # A restarted controller reads the count from the state directory, not the label (2).
+    await harness.stop()
+    ctl = await harness.start()
+    await harness.settle(lambda c: c.passes >= 3 and at_count(svc, 1, 1)(c), 30)
+    assert [c.name for c in harness.members(svc)] == [survivor]
+
+
+async def test_a_restarted_controller_counts_before_it_acts(harness: Harness) -> None:
+    svc = harness.containers.name("dup")
+    await harness.start()
+    harness.containers.run("dup", labels=labels(svc, **{"stablenet.replicas": "3"}))
+    await harness.settle(at_count(svc, 3, 3), 40)
+    before = sorted(c.id for c in harness.members(svc))
+    await harness.stop()
+    await harness.start()
+    await harness.settle(lambda c: c.passes >= 5 and at_count(svc, 3, 3)(c), 30)
+    assert sorted(c.id for c in harness.members(svc)) == before
+
+
+async def test_a_second_controller_on_the_same_state_waits(harness: Harness) -> None:
+    first = await harness.start()
+    await harness.settle(lambda c: c.active and c.passes >= 1, 20)
+    second = Controller(harness.registry, replace(FAST, state_dir=str(harness.state_dir)))
+    task = asyncio.get_running_loop().create_task(second.run())
+    try:
+        passes = first.passes
+        await harness.settle(lambda c: c.passes >= passes + 2, 10)
+        assert first.active and not second.active and second.passes == 0
+        assert second.scale("anything", 2) is not None
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_replica_is_faithful_to_its_template(
+    harness: Harness, docker_client: docker.DockerClient
+) -> None:
+    svc = harness.containers.name("tpl")
+    net = harness.containers.network("net", ipam=docker.types.IPAMConfig(
+        pool_configs=[docker.types.IPAMPool(subnet="10.213.7.0/24")]
+    ))  # fmt: skip
+    volume = docker_client.volumes.create(harness.containers.name("vol"))
+    await harness.start()
+    tpl = harness.containers.run(
+        "tpl",
+        labels=labels(svc, **{"stablenet.replicas": "2", "com.docker.compose.project": "p"}),
+        environment={"GREETING": "hello"},
+        working_dir="/www",
+        user="nobody",
+        hostname="templatehost",
+        volumes={volume.name: {"bind": "/named", "mode": "rw"}},
+        mounts=[docker.types.Mount("/anon", None, type="volume")],
+        restart_policy={"Name": "on-failure", "MaximumRetryCount": 2},
+        mem_limit="64m",
+        healthcheck={"test": ["CMD", "true"], "interval": 1_000_000_000},
+        network=net.name,
+    )
+    other = harness.containers.network("other")
+    other.connect(tpl, aliases=["tpl-alias"])  # a second attachment, as compose makes them
+    await harness.settle(lambda c: len(harness.members(svc)) == 2 and at_count(svc, 2)(c), 40)
+    replica = next(c for c in harness.members(svc) if c.id != tpl.id)
+    tpl.reload()
+    r, t = replica.attrs, tpl.attrs
+    assert replica.name == f"{svc}-1"
+    assert r["Image"] == t["Image"]
+    assert "GREETING=hello" in r["Config"]["Env"]
+    assert r["Config"]["WorkingDir"] == "/www" and r["Config"]["User"] == "nobody"
+    assert r["Config"]["Hostname"] != "templatehost"
+    assert r["Config"]["Labels"]["stablenet.managed"] == "true"
+    assert "com.docker.compose.project" not in r["Config"]["Labels"]
+    assert r["HostConfig"]["RestartPolicy"] == t["HostConfig"]["RestartPolicy"]
+    assert r["HostConfig"]["Memory"] == 64 * 1024 * 1024
+    assert r["Config"]["Healthcheck"]["Test"] == ["CMD", "true"]
+    mounts = {m["Destination"]: m for m in r["Mounts"]}
+    tmounts = {m["Destination"]: m for m in t["Mounts"]}
+    assert mounts["/named"]["Name"] == volume.name  # shared
+    assert mounts["/anon"]["Name"] != tmounts["/anon"]["Name"]  # fresh
+    nets = r["NetworkSettings"]["Networks"]
+    assert set(nets) == {net.name, other.name}
+    assert "tpl-alias" in (nets[other.name]["Aliases"] or [])
+    assert nets[net.name]["IPAddress"].startswith("10.213.7.")
+    assert nets[net.name]["IPAddress"] != t["NetworkSettings"]["Networks"][net.name]["IPAddress"]
+    for c in harness.members(svc):
+        c.remove(force=True, v=True)
+    with contextlib.suppress(docker.errors.APIError):
+        volume.remove(force=True)
+
+
+async def test_a_template_with_a_fixed_host_port_is_refused_with_the_reason(
+    harness: Harness,
+) -> None:
+    svc = harness.containers.name("fixed")
+    ctl = await harness.start()
+    harness.containers.run(
+        "fixed",
+        labels=labels(svc, **{"stablenet.replicas": "2"}),
+        ports={"80/tcp": ("127.0.0.1", 0)},
+    )
+    harness.containers.run(
+        "fixed2",
+        labels=labels(svc + "p", **{"stablenet.replicas": "2"}),
+        ports={"80/tcp": ("127.0.0.1", free_port())},
+    )
+    await harness.settle(
+        lambda c: bool(c.status.get(svc + "p") and c.status[svc + "p"].refused), 20
+    )
+    assert "fixed host port" in (ctl.status[svc + "p"].refused or "")
+    # A random host port can be replicated.
+    await harness.settle(at_count(svc, 2, 2), 30)
+    assert len(harness.members(svc + "p")) == 1
