@@ -13,6 +13,7 @@ from typing import Any
 
 from stablenet import __version__, native
 from stablenet.admin import AdminServer
+from stablenet.cluster import Cluster
 from stablenet.config import Config
 from stablenet.dns import DnsServer
 from stablenet.docker.networks import engine_networks
@@ -57,7 +58,7 @@ class Daemon:
 
     def __init__(self, config: Config, registry: Registry | None = None) -> None:
         self.config = config
-        self.registry = registry or Registry()
+        self.registry = registry or Registry(config.cluster.prefer)
         self.source = DockerSource(
             self.registry,
             Settings.from_config(config.docker, config.health),
@@ -93,6 +94,13 @@ class Daemon:
             events=self.events,
             metrics=lambda: exposition(self.collector),
         )
+        self.cluster = (
+            Cluster(self.registry, config.cluster, config.dns.zone, int(config.dns.ttl))
+            if config.cluster.etcd
+            else None
+        )
+        if self.cluster is not None:
+            self.admin.status["cluster"] = self.cluster.status
         self.stopping = asyncio.Event()
 
     def listeners(self) -> list[contextlib.AbstractAsyncContextManager[Any]]:
@@ -106,11 +114,14 @@ class Daemon:
 
     def loops(self) -> dict[str, Callable[[], Coroutine[Any, Any, None]]]:
         """Long-lived loops, by name; each runs in the daemon's TaskGroup."""
-        return {
+        loops = {
             "docker-source": self.source.run,
             "health": self.health.run,
             "events": self.events.run,
         }
+        if self.cluster is not None:
+            loops["cluster"] = self.cluster.run
+        return loops
 
     async def run(self) -> None:
         """Start listeners, run the loops until ``stopping`` is set, then stop in order:
