@@ -270,9 +270,10 @@ class EtcdClient:
         self, prefix: str, start_revision: int
     ) -> AsyncIterator[tuple[int, list[Event]]]:
         """(revision, events) for every change under ``prefix`` from ``start_revision`` on, in
-        order, from one member's stream. Raises Compacted when that history is gone and
-        Unavailable when the stream cannot be opened or breaks: start again from the last
-        revision seen + 1 (another member is tried first)."""
+        order, from one member's stream; the first has no events (the watch was created).
+        Raises Compacted when that history is gone and Unavailable when the stream cannot be
+        opened or breaks: start again after the last event seen (another member is tried
+        first)."""
         assert self._session is not None, "use EtcdClient as an async context manager"
         base = self.endpoint
         body = {
@@ -302,9 +303,7 @@ class EtcdClient:
                     while b"\n" in buffer:
                         line, buffer = buffer.split(b"\n", 1)
                         if line.strip():
-                            parsed = _watch_message(json.loads(line))
-                            if parsed is not None:
-                                yield parsed
+                            yield _watch_message(json.loads(line))
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError, EtcdError) as exc:
             self._next()
             raise Unavailable(f"{base}: watch: {exc!r}", _refusal(exc)) from None
@@ -315,8 +314,8 @@ class EtcdClient:
         self._current = (self._current + 1) % len(self.endpoints)
 
 
-def _watch_message(message: dict[str, Any]) -> tuple[int, list[Event]] | None:
-    """One line of the watch stream as (revision, events); None for 'created'."""
+def _watch_message(message: dict[str, Any]) -> tuple[int, list[Event]]:
+    """One line of the watch stream as (revision, events); no events for 'created'."""
     if "error" in message:
         error = message["error"]
         raise EtcdError(str(error.get("message", error)), int(error.get("grpc_code", 0)))
@@ -336,8 +335,6 @@ def _watch_message(message: dict[str, Any]) -> tuple[int, list[Event]] | None:
         )
         for ev in result.get("events", ())
     ]
-    if result.get("created") and not events:
-        return None
     return revision, events
 
 

@@ -241,6 +241,7 @@ class Cluster:
 
     async def _watch_loop(self, client: EtcdClient) -> None:
         retry = RETRY_MIN
+        failures = 0  # attempts in a row that ended before any answer
         start = 0  # 0: a full read first
         while True:
             if self._dropped:
@@ -255,29 +256,34 @@ class Cluster:
                     self._reached()
                     self._merge()
                 async with asyncio.timeout(None) as guard:
-                    self._watch_guard = guard
                     if not self.link.connected:
                         guard.reschedule(asyncio.get_running_loop().time())
-                    async for revision, events in client.watch(self.layout.hosts, start):
-                        self.view.apply(revision, events)
-                        self.events_seen += len(events)
-                        start = max(start, revision + 1)
-                        self._reached()
-                        retry = RETRY_MIN
-                        if events:
-                            self._merge()
+                    self._watch_guard = guard
+                    try:
+                        async for revision, events in client.watch(self.layout.hosts, start):
+                            self.view.apply(revision, events)
+                            self.events_seen += len(events)
+                            self._reached()
+                            retry, failures = RETRY_MIN, 0
+                            if events:  # (a message without events says nothing of history)
+                                start = max(start, events[-1].mod_revision + 1)
+                                self._merge()
+                    finally:
+                        self._watch_guard = None
             except Compacted as exc:
                 logger.info("cluster: %s; reading everything again", exc)
                 start = 0
                 continue
             except Unavailable as exc:
-                self._lost(exc)
+                # One member's stream broke: the next member is tried. Whether etcd is out of
+                # reach is for the lease loop to say (it asks every member).
+                logger.info("cluster: watch ended (%s); watching again from %d", exc, start)
             except TimeoutError:
                 pass  # the lease loop found etcd out of reach and ended the stream
-            finally:
-                self._watch_guard = None
-            await self._wait_link(retry)
-            retry = min(retry * 2, self.layout.ttl / 3)
+            failures += 1
+            if failures > 1 or not self.link.connected:  # the first retry goes at once
+                await self._wait_link(retry)
+                retry = min(retry * 2, self.layout.ttl / 3)
 
     async def _wait_link(self, wait: float) -> None:
         """Sleep ``wait`` seconds, or less when the link comes back."""
