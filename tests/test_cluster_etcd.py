@@ -59,7 +59,8 @@ async def node(name: str, urls: Sequence[str], prefix: str) -> AsyncIterator[Nod
     cluster = Cluster(registry, config)
     task = asyncio.get_running_loop().create_task(cluster.run(), name=f"node-{name}")
     try:
-        await eventually(lambda: cluster.link.connected and bool(cluster.lease), 10)
+        async with asyncio.timeout(10):
+            await cluster.joined.wait()
         yield Node(registry, cluster, task)
     finally:
         task.cancel()

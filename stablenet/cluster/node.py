@@ -85,6 +85,8 @@ class Cluster:
         self.full_reads = 0
         self.events_seen = 0
         self._clock = clock
+        self._client: EtcdClient | None = None
+        self.joined = asyncio.Event()  # set once etcd was reached with a lease granted
         self._published: dict[str, bytes] = {}
         self._desired: dict[str, bytes] | None = None  # None until Docker has been listed once
         self._dirty = asyncio.Event()
@@ -110,6 +112,7 @@ class Cluster:
             self.config.prefix,
         )  # fmt: skip
         async with self.client() as client, asyncio.TaskGroup() as tasks:
+            self._client = client
             tasks.create_task(self._lease_loop(client), name="cluster-lease")
             tasks.create_task(self._desire_loop(), name="cluster-desire")
             tasks.create_task(self._publish_loop(client), name="cluster-publish")
@@ -119,6 +122,8 @@ class Cluster:
     # -- link ---------------------------------------------------------------------------------
 
     def _reached(self) -> None:
+        if self.lease:
+            self.joined.set()
         was = self.link.connected
         self.link = Link(True, self._clock(), False)
         if not was:
@@ -138,6 +143,11 @@ class Cluster:
         for event in self._link_events:
             event.set()
         self._dirty.set()  # a write that failed is tried again
+
+    @property
+    def requests(self) -> int:
+        """Requests sent to etcd so far (failed attempts included)."""
+        return 0 if self._client is None else self._client.requests
 
     def status(self) -> dict[str, Any]:
         """For /readyz, the status page and metrics."""
