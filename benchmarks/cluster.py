@@ -38,7 +38,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def endpoint(host: str, i: int, draining: bool = False) -> Endpoint:
-    cid = f"{host}-{i}".ljust(64, "0")
+    cid = f"{host}-{i:05d}".ljust(64, "0")
     return Endpoint(
         cid, f"web-{host}-{i}", f"svc{i % 5}", "172.30.0.2", 8080, "net",
         host_port=30000 + i, started_at=1.0, draining=draining,
@@ -166,8 +166,13 @@ async def scale(etcd: EtcdCluster, hosts: int, per_host: int, seconds: float) ->
             client = await stack.enter_async_context(EtcdClient(etcd.urls()))
             watchers.append(tasks.create_task(_watch_count(client, prefix + "/hosts/", counts)))
         want = (hosts - 1) * per_host
-        async with asyncio.timeout(60):
-            await full.registry.until(lambda s: len(s.endpoints) >= want)
+        try:
+            async with asyncio.timeout(60):
+                await full.registry.until(lambda s: len(s.endpoints) >= want)
+        except TimeoutError:
+            raise RuntimeError(
+                f"the full host saw {len(full.registry.snapshot.endpoints)} of {want} endpoints"
+            ) from None
         converged = time.perf_counter() - t0
         requests0 = sum(n.requests for n in [*publishers, full])
         events0 = counts[0]
@@ -198,11 +203,10 @@ async def scale(etcd: EtcdCluster, hosts: int, per_host: int, seconds: float) ->
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp, etcd_cluster(Path(tmp)) as etcd:
-        result: dict[str, Any] = {"propagation": await propagation(etcd, args.samples)}
-        result["removal"] = [
-            await removal(etcd, 2, 3),
-            await removal(etcd, 10, 1),
-        ]
+        result: dict[str, Any] = {}
+        if args.samples:
+            result["propagation"] = await propagation(etcd, args.samples)
+            result["removal"] = [await removal(etcd, 2, 3), await removal(etcd, 10, 1)]
         result["scale"] = await scale(etcd, args.hosts, args.per_host, args.seconds)
     return result
 
