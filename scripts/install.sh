@@ -12,6 +12,8 @@ source scripts/engine.sh
 # debootstrap: the local stand-in for python:3.11-slim that the image test builds the Dockerfile on.
 _apt_install ca-certificates docker.io busybox-static bind9-dnsutils dnsmasq-base curl iproute2 \
     debootstrap
+# etcd-server: the store of the cluster layer ([cluster] etcd), for its tests and benchmark.
+_apt_install etcd-server
 # chromium: the headless browser the status page test drives (Playwright uses it, never its own).
 _apt_install chromium
 

@@ -36,6 +36,7 @@ def endpoint_json(ep: Endpoint, now: float) -> dict[str, Any]:
         "id": ep.id,
         "name": ep.name,
         "service": ep.service,
+        "host": ep.host,  # "" for this host, else the cluster host the container runs on
         "address": ep.address,
         "port": ep.port,
         "network": ep.network,
@@ -125,6 +126,8 @@ class AdminServer(Server):
         self._app.router.add_get("/", self._status_page)
         self._runner: web.AppRunner | None = None
         self.port = self._port
+        # Other parts' status by name (e.g. "cluster"), added to /readyz and /v1/services.
+        self.status: dict[str, Callable[[], dict[str, Any]]] = {}
 
     def add_get(self, path: str, handler: Handler) -> None:
         self._app.router.add_get(path, handler)
@@ -150,15 +153,16 @@ class AdminServer(Server):
         body: dict[str, Any] = {"ready": snap.synced, "version": snap.version}
         if not snap.synced:
             body["reason"] = "not synced with the Docker Engine"
+        body.update((name, report()) for name, report in self.status.items())
         return web.json_response(body, status=200 if snap.synced else 503)
 
     def _managed(self) -> dict[str, dict[str, Any]]:
         return self._controller.services() if self._controller is not None else {}
 
     async def _services(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            services_json(self._registry.snapshot, time.time(), self._managed())
-        )
+        body = services_json(self._registry.snapshot, time.time(), self._managed())
+        body.update((name, report()) for name, report in self.status.items())
+        return web.json_response(body)
 
     async def _service(self, request: web.Request) -> web.Response:
         name = request.match_info["name"].lower()

@@ -202,7 +202,7 @@ def render_table(body: dict[str, Any], colour: bool = False) -> str:
             rows.append(
                 (
                     service["name"],
-                    ep["name"],
+                    f"{ep['name']}@{ep['host']}" if ep.get("host") else ep["name"],
                     address,
                     ep["state"],
                     _age(ep["age_seconds"]),

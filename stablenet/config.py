@@ -269,6 +269,64 @@ class ControllerConfig:
     breaker: int = _opt(3, _int_at_least(1))
 
 
+def _etcd_url(value: Any) -> str:
+    text = _str(value).strip().rstrip("/")
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme not in ("http", "https"):
+        raise ValueError("expected http://HOST:PORT or https://HOST:PORT")
+    parse_hostport(rest)
+    return text
+
+
+def _key_prefix(value: Any) -> str:
+    text = _str(value).strip().rstrip("/")
+    if not text.startswith("/") or "//" in text or len(text) < 2:
+        raise ValueError("expected a key path such as /stablenet")
+    return text
+
+
+def _host_name(value: Any) -> str:
+    text = _str(value).strip()
+    if text and not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", text):
+        raise ValueError("expected letters, digits, '.', '-' or '_' (at most 63), or empty")
+    return text
+
+
+def _host_address(value: Any) -> str:
+    text = _str(value).strip()
+    if text:
+        parse_network(text)
+        if "/" in text:
+            raise ValueError("expected one IP address such as 10.0.0.5")
+    return text
+
+
+def _lease_ttl(value: Any) -> float:
+    seconds = parse_duration(value)
+    if seconds < 2 or seconds != int(seconds):
+        raise ValueError("expected whole seconds, at least 2s (etcd leases count in seconds)")
+    return seconds
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    etcd: tuple[str, ...] = _opt((), _list_of(_etcd_url))  # empty: one host, no cluster
+    prefix: str = _opt("/stablenet", _key_prefix)
+    host_name: str = _opt("", _host_name)  # empty: the machine's host name
+    host_address: str = _opt("", _host_address)
+    lease_ttl: float = _opt(10.0, _lease_ttl)
+    prefer: str = _opt("local-first", _choice("local-first", "spread"))
+    advertise: str = _opt("published", _choice("published", "container"))
+    skydns: bool = _opt(True, _bool)
+    skydns_prefix: str = _opt("/skydns", _key_prefix)
+    timeout: float = _opt(2.0, _positive_duration)
+    ca_file: str = _opt("", _str)
+    cert_file: str = _opt("", _str)
+    key_file: str = _opt("", _str)
+    username: str = _opt("", _str)
+    password: str = _opt("", _str)
+
+
 @dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = _opt("info", _choice("debug", "info", "warning", "error"))
@@ -283,6 +341,7 @@ class Config:
     docker: DockerConfig = field(default_factory=DockerConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -293,6 +352,7 @@ SECTIONS: dict[str, type[Any]] = {
     "docker": DockerConfig,
     "health": HealthConfig,
     "controller": ControllerConfig,
+    "cluster": ClusterConfig,
     "log": LogConfig,
 }
 
@@ -337,10 +397,42 @@ def _check(config: Config) -> None:
             "empty; set admin.token (or STABLENET_ADMIN_TOKEN) to a secret, or listen on "
             "127.0.0.1"
         )
+    _check_cluster(config.cluster)
     if config.health.timeout > config.health.interval:
         raise ConfigError(
             f"health.timeout: {config.health.timeout:g}s is longer than health.interval "
             f"({config.health.interval:g}s); use a timeout no longer than the interval"
+        )
+
+
+def _check_cluster(cluster: ClusterConfig) -> None:
+    if not cluster.etcd:
+        return
+    if not cluster.host_address:
+        raise ConfigError(
+            "cluster.host_address: empty while cluster.etcd is set; set it to the address other "
+            "hosts reach this host's published ports on (or STABLENET_CLUSTER_HOST_ADDRESS)"
+        )
+    if bool(cluster.cert_file) != bool(cluster.key_file):
+        raise ConfigError(
+            "cluster.cert_file: a client certificate needs both cluster.cert_file and "
+            "cluster.key_file; set both or neither"
+        )
+    if bool(cluster.username) != bool(cluster.password):
+        raise ConfigError(
+            "cluster.username: etcd authentication needs both cluster.username and "
+            "cluster.password; set both or neither"
+        )
+    schemes = {url.partition("://")[0] for url in cluster.etcd}
+    if len(schemes) > 1:
+        raise ConfigError(
+            f"cluster.etcd: {', '.join(cluster.etcd)} mixes http:// and https://; use https:// "
+            "for every endpoint when etcd serves TLS"
+        )
+    if (cluster.ca_file or cluster.cert_file) and schemes == {"http"}:
+        raise ConfigError(
+            "cluster.ca_file: TLS files are set but cluster.etcd uses http://; use https:// "
+            "endpoints"
         )
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from stablenet import __version__, native
 from stablenet.admin import AdminServer
+from stablenet.cluster import Cluster
 from stablenet.config import Config
 from stablenet.controller import Controller
 from stablenet.controller.loop import never_busy
@@ -59,7 +60,7 @@ class Daemon:
 
     def __init__(self, config: Config, registry: Registry | None = None) -> None:
         self.config = config
-        self.registry = registry or Registry()
+        self.registry = registry or Registry(config.cluster.prefer)
         self.source = DockerSource(
             self.registry,
             Settings.from_config(config.docker, config.health),
@@ -111,6 +112,13 @@ class Daemon:
             metrics=lambda: exposition(self.collector),
             controller=self.controller,
         )
+        self.cluster = (
+            Cluster(self.registry, config.cluster, config.dns.zone, int(config.dns.ttl))
+            if config.cluster.etcd
+            else None
+        )
+        if self.cluster is not None:
+            self.admin.status["cluster"] = self.cluster.status
         self.stopping = asyncio.Event()
 
     def listeners(self) -> list[contextlib.AbstractAsyncContextManager[Any]]:
@@ -131,6 +139,8 @@ class Daemon:
         }
         if self.controller is not None:
             loops["controller"] = self.controller.run
+        if self.cluster is not None:
+            loops["cluster"] = self.cluster.run
         return loops
 
     async def run(self) -> None:

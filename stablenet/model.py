@@ -41,6 +41,18 @@ class Verdict:
 
 
 @dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a remote endpoint runs: the host that publishes it (through the cluster store) and
+    its state there. ``address``/``port`` of the endpoint are what this host reaches;
+    ``target_port`` is the container's own port."""
+
+    host: str
+    state: State
+    reason: str
+    target_port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     """One running container as a member of one service.
 
@@ -68,6 +80,13 @@ class Endpoint:
     stop_signal: str = ""  # the image's STOPSIGNAL when it is not SIGTERM (e.g. SIGWINCH)
     stop_timeout: float | None = None  # the container's StopTimeout; None: Docker's default
     listeners: tuple[str, ...] = ()  # dedicated proxy listeners, "http:HOST:PORT" / "tcp:..."
+    host_port: int | None = None  # the port this host publishes ``port`` on (all addresses)
+    origin: Origin | None = None  # None: a container of this host; else the host it runs on
+
+    @property
+    def host(self) -> str:
+        """The host the container runs on; "" for this host."""
+        return "" if self.origin is None else self.origin.host
 
     @property
     def state(self) -> State:
@@ -79,7 +98,11 @@ class Endpoint:
         return self._status()[1]
 
     def _status(self) -> tuple[State, str]:
-        """The state, from draining, Docker's health and the check's verdict, with why."""
+        """The state, from draining, Docker's health and the check's verdict, with why. A remote
+        endpoint's own host decides first; this host's passive ejection (verdict) comes next."""
+        origin = self.origin
+        if origin is not None and origin.state is not State.READY:
+            return origin.state, f"on {origin.host}: {origin.reason}"
         if self.draining:
             return State.DRAINING, "container is stopping"
         if self.docker_health == "unhealthy":
@@ -94,6 +117,8 @@ class Endpoint:
             return State.READY, self.verdict.reason
         if self.docker_health == "healthy":
             return State.READY, "Docker HEALTHCHECK says healthy"
+        if origin is not None:
+            return State.READY, f"on {origin.host}: {origin.reason}"
         return State.READY, "running"
 
 
@@ -160,10 +185,19 @@ class SetVerdict:
 
 
 @dataclass(frozen=True, slots=True)
+class SetRemote:
+    """Every endpoint other hosts publish, as this host currently sees them (each with an
+    ``origin``): replaces the remote layer whole. Local changes (Resync included) never touch
+    that layer, and this never touches local endpoints."""
+
+    endpoints: tuple[Endpoint, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class SetSynced:
     """Whether the registry reflects a live connection to its source."""
 
     synced: bool
 
 
-Change = Upsert | Remove | Drain | Undrain | Resync | Problem | SetVerdict | SetSynced
+Change = Upsert | Remove | Drain | Undrain | Resync | Problem | SetVerdict | SetSynced | SetRemote

@@ -22,6 +22,7 @@ from stablenet.model import (
     Problem,
     Remove,
     Resync,
+    SetRemote,
     SetSynced,
     SetVerdict,
     State,
@@ -30,6 +31,8 @@ from stablenet.model import (
 )
 
 logger = logging.getLogger(__name__)
+LOCAL_FIRST = "local-first"  # route to other hosts' endpoints only when this host has none ready
+SPREAD = "spread"  # route to every ready endpoint, wherever it runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,18 +57,20 @@ class Snapshot:
         endpoints: Mapping[str, Endpoint],
         synced: bool,
         problems: Mapping[str, str],
+        prefer: str = LOCAL_FIRST,
     ) -> Snapshot:
         services: dict[str, list[Endpoint]] = {}
         by_address: dict[str, Endpoint] = {}
         for ep in endpoints.values():
             services.setdefault(ep.service, []).append(ep)
-            for addr in ep.addresses or (ep.address,):
-                by_address[addr] = ep
+            if ep.origin is None:  # a remote endpoint's address is its host's, shared
+                for addr in ep.addresses or (ep.address,):
+                    by_address[addr] = ep
         ordered = {
             name: tuple(sorted(eps, key=lambda e: (e.name, e.id)))
             for name, eps in sorted(services.items())
         }
-        ready = {name: _routable(eps) for name, eps in ordered.items()}
+        ready = {name: _preferred(_routable(eps), prefer) for name, eps in ordered.items()}
         return cls(
             version=version,
             endpoints=MappingProxyType(dict(endpoints)),
@@ -82,10 +87,11 @@ class Snapshot:
 class Registry:
     """Holds the current Snapshot and swaps it atomically on every effective change."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefer: str = LOCAL_FIRST) -> None:
         # Readers take it as it is (a plain attribute: the proxy reads it on every request);
         # only ``apply`` replaces it.
-        self.snapshot = Snapshot.build(0, {}, False, {})
+        self.prefer = prefer  # LOCAL_FIRST or SPREAD: which endpoints of a service get traffic
+        self.snapshot = Snapshot.build(0, {}, False, {}, prefer)
         self._changed = asyncio.Event()
         self.wakeups = 0  # times a watcher was woken: a write that changes nothing adds none
 
@@ -113,7 +119,11 @@ class Registry:
                     if current is not None and current.draining and current.started_at == started:
                         endpoints[cid] = dataclasses.replace(current, draining=False)
                 case Resync(endpoints=listed, keep=keep, problems=found):
-                    fresh = {cid: ep for cid, ep in endpoints.items() if cid in keep}
+                    fresh = {
+                        cid: ep
+                        for cid, ep in endpoints.items()
+                        if cid in keep or ep.origin is not None  # other hosts' stay
+                    }
                     for ep in listed:
                         if ep.id not in keep:
                             fresh[ep.id] = _carry_over(endpoints.get(ep.id), ep)
@@ -136,10 +146,16 @@ class Registry:
                         endpoints[cid] = dataclasses.replace(current, verdict=verdict)
                 case SetSynced(synced=value):
                     synced = value
+                case SetRemote(endpoints=remote):
+                    fresh = {cid: ep for cid, ep in endpoints.items() if ep.origin is None}
+                    for ep in remote:
+                        if ep.id not in fresh:
+                            fresh[ep.id] = _carry_over(endpoints.get(ep.id), ep)
+                    endpoints = fresh
         if endpoints == old.endpoints and problems == old.problems and synced == old.synced:
             return old
         _log_transitions(old.endpoints, endpoints)
-        self.snapshot = Snapshot.build(old.version + 1, endpoints, synced, problems)
+        self.snapshot = Snapshot.build(old.version + 1, endpoints, synced, problems, self.prefer)
         woken, self._changed = self._changed, asyncio.Event()
         woken.set()
         return self.snapshot
@@ -177,6 +193,15 @@ def _routable(endpoints: tuple[Endpoint, ...]) -> tuple[Endpoint, ...]:
     if ready or not any(e.panic for e in endpoints):
         return ready
     return tuple(e for e in endpoints if e.state is not State.DRAINING)
+
+
+def _preferred(ready: tuple[Endpoint, ...], prefer: str) -> tuple[Endpoint, ...]:
+    """LOCAL_FIRST: this host's endpoints while it has any to route to, else other hosts'.
+    SPREAD: all of them alike."""
+    if prefer == SPREAD or all(e.origin is None for e in ready):
+        return ready
+    local = tuple(e for e in ready if e.origin is None)
+    return local or ready
 
 
 def _carry_over(old: Endpoint | None, new: Endpoint) -> Endpoint:

@@ -78,6 +78,7 @@ function renderServices(body) {
   const sync = document.getElementById("sync");
   sync.textContent = body.synced ? "synced with Docker" : "Docker unreachable: last known state";
   sync.className = "pill " + (body.synced ? "synced" : "lost");
+  if (body.cluster) sync.textContent += "; cluster host " + body.cluster.host + ", etcd " + body.cluster.etcd;
   document.getElementById("meta").textContent =
     body.services.length + " services, registry version " + body.version;
   const root = document.getElementById("services");
@@ -90,7 +91,7 @@ function renderServices(body) {
     for (const ep of svc.endpoints) {
       const where = ep.port ? ep.address + ":" + ep.port : ep.address;
       tbody.append(el("tr", { "data-endpoint": ep.name, "data-state": ep.state },
-        el("td", { "data-k": "endpoint" }, ep.name),
+        el("td", { "data-k": "endpoint" }, ep.host ? ep.name + " @ " + ep.host : ep.name),
         el("td", { "data-k": "address" }, el("code", {}, where)),
         el("td", { "data-k": "state" }, el("span", { class: "pill " + ep.state }, ep.state)),
         el("td", { "data-k": "why" }, ep.reason),

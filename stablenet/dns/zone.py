@@ -10,6 +10,16 @@ Names (relative to the zone):
   _<port>._tcp.<service>    SRV for the READY endpoints, port number as the port name, e.g.
                             _8080._tcp.web; target <container-name>.<zone>, its A/AAAA added
   (apex)                    SOA, NS (the apex itself), A/AAAA of the server's own addresses
+  <host>.hosts              A/AAAA of a cluster host: the SRV target of its endpoints that are
+                            reached on a published port (no port is implied by this name)
+
+Endpoints of other hosts (cluster): an A/AAAA answer must never send a client to an address where
+the port it will use is not open. A remote endpoint is "direct" when other hosts reach it on the
+container's own port (its advertised port equals the container's port: routed container
+networks, or a port published under the same number); only direct endpoints appear in a
+service's or a container's A/AAAA. The others are in SRV only, with their host's address and
+published port; a service with a stable address (a dedicated listener) is answered with that
+address as always, and the proxy behind it reaches every endpoint.
 """
 
 from __future__ import annotations
@@ -112,7 +122,8 @@ class ZoneIndex:
                 for address in stable:
                     _add_ptr(ptr, address, owner, ttl)
             else:
-                _add_addresses(node, owner, _endpoint_addresses(ready), ttl)
+                direct = [ep for ep in ready if _direct(ep)]
+                _add_addresses(node, owner, _endpoint_addresses(direct), ttl)
             self._add_srv(names, rel, ready, ttl)
 
         for ep in sorted(snap.endpoints.values(), key=lambda e: (e.name, e.id)):
@@ -120,8 +131,12 @@ class ZoneIndex:
             if rel is None:
                 continue
             target = self._owner(rel)
+            if not _direct(ep):
+                continue
             if rel not in services and rel not in names:
                 _add_addresses(names.setdefault(rel, {}), target, _endpoint_addresses([ep]), ttl)
+            if ep.origin is not None:
+                continue  # its address is its host's: no PTR to one container
             for address in sorted({*(ep.addresses or (ep.address,)), *_opt(ep.address6)}):
                 if address not in stable_addresses:
                     _add_ptr(ptr, address, target, ttl)
@@ -140,10 +155,13 @@ class ZoneIndex:
         self, names: Names, rel: tuple[bytes, ...], ready: Iterable[Endpoint], ttl: int
     ) -> None:
         for ep in ready:
-            target = _relative(ep.name)
+            target = _relative(ep.name) if _direct(ep) else _relative(ep.host + ".hosts")
             if ep.port is None or target is None:
                 continue
-            srv_rel = (b"_%d" % ep.port, b"_tcp", *rel)
+            if not _direct(ep) and not names.get(target):  # a host's address, once
+                _add_addresses(names.setdefault(target, {}), self._owner(target), [ep.address], ttl)
+            named = ep.origin.target_port if ep.origin is not None else None  # the port's name
+            srv_rel = (b"_%d" % (named or ep.port), b"_tcp", *rel)
             target_name = self._owner(target)
             node = names.setdefault(srv_rel, {})
             node.setdefault(wire.Type.SRV, []).append(
@@ -179,6 +197,11 @@ class ZoneIndex:
             return Result(wire.Rcode.NOERROR, authority=(self.soa,))
         extra = tuple(node.get(_GLUE, ())) if qtype == wire.Type.SRV else ()
         return Result(wire.Rcode.NOERROR, answer=tuple(records), additional=extra)
+
+
+def _direct(ep: Endpoint) -> bool:
+    """This host's endpoint, or a remote one reached on the container's own port."""
+    return ep.origin is None or ep.origin.target_port == ep.port
 
 
 def _opt(value: str | None) -> tuple[str, ...]:

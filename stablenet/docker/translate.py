@@ -176,6 +176,7 @@ def endpoint_from_inspect(inspect: Mapping[str, Any], settings: Settings) -> End
         stop_signal=str(config.get("StopSignal") or ""),
         stop_timeout=_stop_timeout(config.get("StopTimeout")),
         listeners=listeners,
+        host_port=_published_port(inspect, port),
     )
 
 
@@ -253,6 +254,20 @@ def _choose_address(
         return "", None, None, ()
     v4, v6 = usable[chosen]
     return chosen, v4 or v6, v6, all_addresses
+
+
+def _published_port(inspect: Mapping[str, Any], port: int | None) -> int | None:
+    """The host port Docker publishes ``port`` (TCP) on for every address of the host, or
+    None (not published, or only on one address such as 127.0.0.1)."""
+    if port is None:
+        return None
+    ports = (inspect.get("NetworkSettings") or {}).get("Ports") or {}
+    for binding in ports.get(f"{port}/tcp") or ():
+        host_ip = str(binding.get("HostIp") or "")
+        host_port = str(binding.get("HostPort") or "")
+        if host_ip in ("", "0.0.0.0", "::") and host_port.isdigit():
+            return int(host_port)
+    return None
 
 
 def _lowest_exposed_port(exposed: Mapping[str, Any]) -> int | None:
