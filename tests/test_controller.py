@@ -408,3 +408,50 @@ async def test_a_template_with_a_fixed_host_port_is_refused_with_the_reason(
     # A random host port can be replicated.
     await harness.settle(at_count(svc, 2, 2), 30)
     assert len(harness.members(svc + "p")) == 1
+
+
+async def test_a_crashed_replica_removed_with_it_is_replaced(harness: Harness) -> None:
+    """AutoRemove: the crash is a die and a destroy with no kill, so the count is below."""
+    svc = harness.containers.name("rm")
+    ctl = await harness.start()
+    harness.containers.run(
+        "rm", labels=labels(svc, **{"stablenet.replicas": "2"}), auto_remove=True
+    )
+    await harness.settle(at_count(svc, 2, 2), 30)
+    victim = next(c for c in harness.members(svc, all=False) if c.labels.get("stablenet.managed"))
+    victim.reload()
+    assert victim.attrs["HostConfig"]["AutoRemove"] is True  # copied from the template
+    os.kill(int(victim.attrs["State"]["Pid"]), signal.SIGKILL)
+    await harness.settle(
+        lambda c: (
+            at_count(svc, 2, 2)(c)
+            and victim.id not in [m.id for m in harness.members(svc, all=False)]
+        ),
+        30,
+    )
+    assert len(harness.members(svc)) == 2
+    assert ctl.status[svc].desired == 2  # not the operator's removal: the count stands
+    assert any(action == "grow" for (_, action, _) in ctl.actions)
+
+
+async def test_what_docker_restarts_itself_is_left_to_docker(harness: Harness) -> None:
+    svc = harness.containers.name("always")
+    ctl = await harness.start()
+    box = harness.containers.run(
+        "always",
+        labels=labels(svc, **{"stablenet.replicas": "1"}),
+        restart_policy={"Name": "always"},
+    )
+    await harness.settle(at_count(svc, 1, 1), 30)
+    box.reload()
+    first_pid = int(box.attrs["State"]["Pid"])
+    os.kill(first_pid, signal.SIGKILL)
+
+    def restarted(c: Controller) -> bool:
+        box.reload()
+        return box.attrs["State"]["Running"] and box.attrs["State"]["Pid"] != first_pid
+
+    await harness.settle(restarted, 30)
+    await harness.settle(lambda c: at_count(svc, 1, 1)(c), 30)
+    assert [c.id for c in harness.members(svc)] == [box.id]
+    assert not [key for key in ctl.actions if key[0] == svc]

@@ -227,7 +227,7 @@ def test_state_round_trips_and_a_broken_file_is_set_aside(tmp_path: Path) -> Non
     state = State(seen_until=12.5)
     state.services["web"] = ServiceState(scale=4, held=["abc"], streak=2, last_failure=9.0)
     state.services["idle"] = ServiceState()  # nothing to keep: not written
-    sdir.save(state)
+    sdir.save(state.encode())
     loaded = sdir.load()
     assert loaded.services == {"web": state.services["web"]}
     assert loaded.seen_until == 12.5

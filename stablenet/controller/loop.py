@@ -162,6 +162,11 @@ class Controller:
         self._engine: Engine | None = None
         self._changed = asyncio.Event()  # replaced on every change; waiters wake
         self._acting: dict[str, str] = {}  # container id -> what stablenet is doing to it
+        # Containers stablenet stopped to remove them: their kill/die/destroy events may arrive
+        # after the call returned, and must not read as the operator's.
+        self._retired: set[str] = set()
+        self._replayed: set[tuple[Any, ...]] = set()  # events replayed, also on the live stream
+        self._written = b""  # the state as last saved
         self._operator_kill: set[str] = set()  # killed through the API, not by stablenet
         self._oom: set[str] = set()
         self._failed: dict[str, str] = {}  # container id -> why it failed
@@ -250,6 +255,7 @@ class Controller:
             for event in await engine.past_events(self.state.seen_until, now):
                 if event_time(event) > self.state.seen_until:
                     self._classify(event)
+                    self._replayed.add(_event_key(event))
         self.state.seen_until = now
         self._save()
         self._engine = engine
@@ -278,6 +284,11 @@ class Controller:
             item = await queue.get()
             if isinstance(item, BaseException):
                 raise DockerLost(describe(item))
+            if self._replayed:
+                # The stream began before the replay ended: what both carry counts once.
+                if _event_key(item) in self._replayed:
+                    continue
+                self._replayed.clear()
             self._classify(item)
 
     # -- events: the operator's stops, crashes, removals ------------------------------------
@@ -305,14 +316,14 @@ class Controller:
             if cid in svc.held:
                 svc.held.remove(cid)
                 self._note(service, name, "started by the operator: counted again")
-        elif verb == "kill" and cid not in self._acting:
+        elif verb == "kill" and not self._ours(cid):
             self._operator_kill.add(cid)
         elif verb == "oom":
             self._oom.add(cid)
         elif verb == "die":
             code = _int(attrs.get("exitCode"))
             self._exited[cid] = code
-            if cid in self._acting:
+            if self._ours(cid):
                 pass
             elif cid in self._operator_kill:
                 if cid not in svc.held:
@@ -321,7 +332,8 @@ class Controller:
             else:
                 self._failed[cid] = _why_died(code, cid in self._oom)
         elif verb == "destroy":
-            operator = cid not in self._acting and (cid in svc.held or cid in self._operator_kill)
+            operator = not self._ours(cid) and (cid in svc.held or cid in self._operator_kill)
+            self._retired.discard(cid)
             if cid in svc.held:
                 svc.held.remove(cid)
             for table in (self._operator_kill, self._oom, self._confirmed):
@@ -341,6 +353,10 @@ class Controller:
         if at:
             self.state.seen_until = max(self.state.seen_until, at)
         self._pulse()
+
+    def _ours(self, cid: str) -> bool:
+        """Whether stablenet is acting (or acted, to remove it) on this container."""
+        return cid in self._acting or cid in self._retired
 
     # -- reconcile ------------------------------------------------------------------------------
 
@@ -576,6 +592,7 @@ class Controller:
                 case Shrink():
                     result = await self._retire(engine, action.target)
                 case Discard():
+                    self._retired.add(action.target)
                     await engine.remove(action.target)
                     result = "removed"
         except asyncio.CancelledError:
@@ -626,6 +643,7 @@ class Controller:
         if not outcome.startswith("ready"):
             if replaced is not None and self._members.get(replaced, None) is not None:
                 if self._members[replaced].status in ("exited", "dead"):
+                    self._retired.add(replaced)
                     await engine.remove(replaced)  # keep only the newest broken container
             return f"{name} {outcome}"
         if replaced is not None:
@@ -706,8 +724,13 @@ class Controller:
             text += " (health: starting)"
         elif health:
             text += f" ({health})"
+        known = self._members.get(cid)
+        try:
+            service = service_of(labels, name)
+        except LabelError:
+            service = known.service if known is not None else name
         member = _Member(
-            cid, name, service_of(labels, name), labels, str(state.get("Status") or ""), text,
+            cid, name, service, labels, str(state.get("Status") or ""), text,
             self._members[cid].created if cid in self._members else time.time(),
         )  # fmt: skip
         self._members[cid] = member
@@ -717,6 +740,7 @@ class Controller:
         """Drain (no new requests; in-flight ones finish, up to controller.drain_timeout),
         stop with the container's own stop timeout, remove."""
         self._acting.setdefault(cid, "retire")
+        self._retired.add(cid)
         try:
             await self._drain(cid)
             ep = self.registry.snapshot.endpoints.get(cid)
@@ -779,8 +803,12 @@ class Controller:
     def _save(self) -> None:
         if not self.active:
             return
+        data = self.state.encode()
+        if data == self._written:
+            return
         try:
-            self.dir.save(self.state)
+            self.dir.save(data)
+            self._written = data
         except OSError as exc:
             logger.error("controller: cannot write its state to %s: %s", self.dir.path, exc)
 
@@ -807,6 +835,11 @@ def _member(item: Mapping[str, Any]) -> _Member | str:
 def _fallback_service(item: Mapping[str, Any]) -> str:
     names = item.get("Names") or []
     return str(names[0]).lstrip("/") if names else str(item["Id"])[:12]
+
+
+def _event_key(event: Mapping[str, Any]) -> tuple[Any, ...]:
+    actor = event.get("Actor") or {}
+    return (event.get("timeNano"), actor.get("ID"), event.get("Action"))
 
 
 def _docker_restarts(inspect: Mapping[str, Any]) -> bool:

@@ -51,6 +51,9 @@ class State:
             },
         }
 
+    def encode(self) -> bytes:
+        return json.dumps(self.to_json(), indent=1, sort_keys=True).encode()
+
     @classmethod
     def from_json(cls, data: Any) -> State:
         if not isinstance(data, dict):
@@ -113,9 +116,9 @@ class StateDir:
             logger.error("controller state %s is unreadable (%s); kept as %s", path, exc, aside)
             return State()
 
-    def save(self, state: State) -> None:
-        """Write the state atomically: a reader (or a crash) sees the old file or the new one."""
-        data = json.dumps(state.to_json(), indent=1, sort_keys=True).encode()
+    def save(self, data: bytes) -> None:
+        """Write ``State.encode()`` atomically: a reader (or a crash) sees the old file or the
+        new one."""
         fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".controller.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as out:
