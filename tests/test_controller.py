@@ -449,7 +449,7 @@ async def test_what_docker_restarts_itself_is_left_to_docker(harness: Harness) -
 
     def restarted(c: Controller) -> bool:
         box.reload()
-        return box.attrs["State"]["Running"] and box.attrs["State"]["Pid"] != first_pid
+        return bool(box.attrs["State"]["Running"]) and box.attrs["State"]["Pid"] != first_pid
 
     await harness.settle(restarted, 30)
     await harness.settle(lambda c: at_count(svc, 1, 1)(c), 30)
