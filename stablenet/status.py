@@ -74,6 +74,19 @@ function health(ep) {
   if (h.last) parts.push("last: " + h.last.reason + " at " + new Date(h.last.at * 1000).toLocaleTimeString());
   return parts.join("; ") || "no check (passive only)";
 }
+function managed(name, c) {
+  const parts = [c.desired === null ? "heal only" : c.ready + " of " + c.desired + " replicas ready",
+    "heal: " + c.heal];
+  if (c.held.length) parts.push("stopped by the operator: " + c.held.join(", "));
+  if (c.last_action) parts.push("last: " + c.last_action.action + " " + c.last_action.target +
+    " (" + c.last_action.reason + "): " + c.last_action.result);
+  if (c.next_retry_at) parts.push("next retry in " + age(c.next_retry_at - Date.now() / 1000));
+  const line = el("p", { class: "dim", "data-managed": name }, "managed: " + parts.join("; "));
+  for (const key of ["degraded", "refused", "problem"]) {
+    if (c[key]) line.append(el("br"), el("span", { class: "problems", ["data-" + key]: "" }, key + ": " + c[key]));
+  }
+  return line;
+}
 function renderServices(body) {
   const sync = document.getElementById("sync");
   sync.textContent = body.synced ? "synced with Docker" : "Docker unreachable: last known state";
@@ -87,6 +100,7 @@ function renderServices(body) {
   for (const svc of body.services) {
     root.append(el("h2", { "data-service": svc.name }, svc.name + " ",
       el("span", { class: "dim" }, svc.ready + " of " + svc.endpoints.length + " ready")));
+    if (svc.controller) root.append(managed(svc.name, svc.controller));
     const tbody = el("tbody");
     for (const ep of svc.endpoints) {
       const where = ep.port ? ep.address + ":" + ep.port : ep.address;
@@ -108,7 +122,7 @@ function renderEvents() {
   const list = document.getElementById("events");
   list.replaceChildren(...events.slice(-50).reverse().map(e =>
     el("li", { "data-kind": e.kind }, new Date(e.at * 1000).toLocaleTimeString() + " ",
-      (e.endpoint ? e.service + "/" + e.endpoint + ": " : "") + e.message)));
+      (e.endpoint ? e.service + "/" + e.endpoint + ": " : e.service ? e.service + ": " : "") + e.message)));
 }
 async function tick() {
   try {

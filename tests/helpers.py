@@ -16,7 +16,7 @@ import subprocess
 import tarfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -160,6 +160,16 @@ async def until(
     """The first snapshot for which ``predicate`` holds; the test fails after ``within`` s."""
     async with asyncio.timeout(within):
         return await registry.until(predicate)
+
+
+async def asked_until(check: Callable[[], Awaitable[bool]], within: float) -> None:
+    """For state in another process (a daemon's admin API), which has no event to await: ask
+    again every 200 ms; the test fails after ``within`` s."""
+    async with asyncio.timeout(within):
+        while True:
+            if await check():
+                return
+            await asyncio.sleep(0.2)
 
 
 def ip_of(container: Any, network: str = "bridge") -> str:

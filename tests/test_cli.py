@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ import pytest
 
 from stablenet import native
 from stablenet.cli import render_table
-from tests.helpers import Containers, free_port, ip_of, off_loop
+from tests.helpers import Containers, asked_until, free_port, ip_of, off_loop
 
 ROOT = Path(__file__).resolve().parent.parent
 STABLENET = [sys.executable, "-m", "stablenet"]
@@ -178,6 +179,8 @@ async def start_daemon(
     }
     full_env = {
         **os.environ,
+        # A state directory of its own: the controller's lock and state belong to this daemon.
+        "STABLENET_CONTROLLER_STATE_DIR": tempfile.mkdtemp(prefix="stablenet-state-"),
         "STABLENET_ADMIN_LISTEN": f"127.0.0.1:{port}",
         **(parts if serving else off),
         **(env or {}),
@@ -309,3 +312,46 @@ async def test_busy_admin_port_is_a_clear_startup_error() -> None:
     assert result.returncode == 1
     assert f"admin.listen: cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_scale_and_services_show_a_managed_service(containers: Containers) -> None:
+    daemon = await start_daemon()
+    env = {"STABLENET_ADMIN_LISTEN": daemon.env["STABLENET_ADMIN_LISTEN"]}
+    service = containers.name("scaled")
+    try:
+        await off_loop(
+            containers.run,
+            "scaled",
+            labels={"stablenet.service": service, "stablenet.replicas": "1"},
+        )
+
+        async def managed() -> dict[str, object]:
+            out = await off_loop(cli, "services", "--json", env=env)
+            body = json.loads(out.stdout)
+            found = [s["controller"] for s in body["services"] if s["name"] == service]
+            return found[0] if found and found[0] else {}
+
+        async def ready(count: int) -> bool:
+            state = await managed()
+            return state.get("ready") == count and not state.get("in_flight")
+
+        await asked_until(lambda: ready(1), 30)
+        done = await off_loop(cli, "scale", service, "2", env=env)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == f"{service}: count set to 2"
+        await asked_until(lambda: ready(2), 30)
+        table = (await off_loop(cli, "services", env=env)).stdout
+        line = next(x for x in table.splitlines() if x.startswith(f"{service}: managed"))
+        assert "2 ready of 2 desired" in line and "grow" in line
+        unknown = await off_loop(cli, "scale", "no-such-service", "2", env=env)
+        assert unknown.returncode == 1
+        assert (
+            "404" in unknown.stderr
+            and "no managed service named 'no-such-service'" in unknown.stderr
+        )
+    finally:
+        await stop_daemon(daemon)
+        for box in containers.client.containers.list(
+            all=True, filters={"label": f"stablenet.service={service}"}
+        ):
+            box.remove(force=True)

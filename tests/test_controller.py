@@ -455,3 +455,26 @@ async def test_what_docker_restarts_itself_is_left_to_docker(harness: Harness) -
     await harness.settle(lambda c: at_count(svc, 1, 1)(c), 30)
     assert [c.id for c in harness.members(svc)] == [box.id]
     assert not [key for key in ctl.actions if key[0] == svc]
+
+
+async def test_heal_restart_restarts_in_place(harness: Harness) -> None:
+    svc = harness.containers.name("db")
+    ctl = await harness.start()
+    box = harness.containers.run("db", labels=labels(svc, **{"stablenet.heal": "restart"}))
+    await harness.settle(lambda c: at_count(svc, 1)(c) and c.status[svc].desired is None, 30)
+    box.reload()
+    os.kill(int(box.attrs["State"]["Pid"]), signal.SIGKILL)
+    await harness.settle(
+        lambda c: (
+            bool(c.status[svc].last)
+            and at_count(svc, 1)(c)
+            and box.id in _running_ids(harness, svc)
+        ),
+        30,
+    )
+    assert [c.id for c in harness.members(svc)] == [box.id]  # the same container, restarted
+    assert ctl.actions[(svc, "restart", "killed")] == 1
+
+
+def _running_ids(harness: Harness, service: str) -> list[str]:
+    return [c.id for c in harness.members(service, all=False)]

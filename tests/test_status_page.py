@@ -87,3 +87,35 @@ async def test_status_page_sends_token(containers: Containers) -> None:
             await browser.close()
     finally:
         await stop_daemon(daemon)
+
+
+async def test_status_page_shows_what_the_controller_keeps(containers: Containers) -> None:
+    daemon = await start_daemon()
+    service = containers.name("kept")
+    try:
+        async with async_playwright() as pw:
+            browser = await pw.chromium.launch(executable_path=chromium(), args=CHROMIUM_FLAGS)
+            page = await browser.new_page()
+            await page.goto(daemon.admin + "/")
+            await page.wait_for_selector("#sync.synced", timeout=15_000)
+            await off_loop(
+                containers.run,
+                "kept",
+                labels={"stablenet.service": service, "stablenet.replicas": "2"},
+            )
+            line = f'p[data-managed="{service}"]'
+            await page.wait_for_function(
+                f"document.querySelector('{line}')?.textContent.includes('2 of 2 replicas ready')",
+                timeout=30_000,
+            )
+            text = await page.inner_text(line)
+            assert "heal: replace" in text and f"last: grow {containers.name('kept')}" in text
+            events = await page.inner_text("#events")
+            assert f"{service}/{containers.name('kept')}: grow (1 of 2 replicas)" in events
+            await browser.close()
+    finally:
+        await stop_daemon(daemon)
+        for box in containers.client.containers.list(
+            all=True, filters={"label": f"stablenet.service={service}"}
+        ):
+            box.remove(force=True)
