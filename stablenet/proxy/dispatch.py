@@ -58,6 +58,10 @@ def no_outcome(endpoint: Endpoint, ok: bool, reason: str) -> None:
     return None
 
 
+def no_hold(service: str) -> None:
+    return None
+
+
 def pool_key(ep: Endpoint) -> tuple[str, str, int]:
     """Which keep-alive pool serves an endpoint: its container, address and port (80 when the
     container names none), so a moved or renumbered endpoint never gets an old connection."""
@@ -118,6 +122,10 @@ class Dispatcher:
         self.gate = Gate.for_config(config.max_connections, config.max_connections_per_source)
         self.pools: dict[tuple[str, str, int], list[UpstreamConnection]] = {}
         self.waiters: dict[str, list[Exchange]] = {}
+        self.tcp_waiting: dict[str, int] = {}  # TCP connections held, per service
+        # Told when a request starts waiting for a service with no ready endpoint (the
+        # controller starts a replica of a service scaled to zero); must be quick.
+        self.on_hold: Callable[[str], None] = no_hold
         self.counters: dict[str, Counters] = {}
         self.responses: dict[tuple[str, str, str], int] = {}  # (service, endpoint, class)
         self.latency: dict[str, Histogram] = {}
@@ -301,6 +309,7 @@ class Dispatcher:
         if not ex.hold_started:
             ex.hold_started = now
             self.count(ex.service).holds += 1
+            self.on_hold(ex.service)
             logger.debug("holding a request for %s: no endpoint to try", ex.service)
         ex.move(HELD)
         self.waiters.setdefault(ex.service, []).append(ex)

@@ -101,6 +101,18 @@ class Proxy(Server):
         """Requests (and TCP connections) an endpoint is serving now: what draining waits for."""
         return self.dispatcher.balancer.inflight.get(endpoint_id, 0)
 
+    def held(self, service: str) -> int:
+        """Requests (and TCP connections) of a service waiting for a ready endpoint."""
+        dispatcher = self.dispatcher
+        return len(dispatcher.waiters.get(service, ())) + dispatcher.tcp_waiting.get(service, 0)
+
+    def concurrency(self, service: str) -> int:
+        """What a service is asked to do at once: requests and TCP connections in flight at
+        its endpoints, plus those held for it."""
+        inflight = self.dispatcher.balancer.inflight
+        endpoints = self.registry.snapshot.services.get(service, ())
+        return self.held(service) + sum(inflight.get(ep.id, 0) for ep in endpoints)
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:

@@ -114,6 +114,9 @@ class TcpClient(_Pipe):
                 if not held:
                     held = True
                     dispatcher.count(self.service).holds += 1
+                    dispatcher.on_hold(self.service)
+                waiting = dispatcher.tcp_waiting
+                waiting[self.service] = waiting.get(self.service, 0) + 1
                 try:
                     async with asyncio.timeout_at(deadline):
                         await dispatcher.registry.until(
@@ -127,6 +130,12 @@ class TcpClient(_Pipe):
                     if self.transport is not None:
                         self.transport.close()
                     return
+                finally:
+                    left = waiting.get(self.service, 1) - 1
+                    if left > 0:
+                        waiting[self.service] = left
+                    else:
+                        waiting.pop(self.service, None)
                 continue
             if await self._connect(ep):
                 return
