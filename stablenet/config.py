@@ -90,6 +90,16 @@ def _positive_duration(value: Any) -> float:
     return seconds
 
 
+def _positive_number(value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError("expected a number above 0") from None
+    if not number > 0 or number == float("inf"):
+        raise ValueError("expected a number above 0")
+    return number
+
+
 def _choice(*choices: str) -> Parser:
     def parse(value: Any) -> str:
         if value not in choices:
@@ -267,6 +277,12 @@ class ControllerConfig:
     backoff_max: float = _opt(300.0, _positive_duration)
     backoff_reset: float = _opt(600.0, _positive_duration)
     breaker: int = _opt(3, _int_at_least(1))
+    replicas_min: int = _opt(1, _int_at_least(0, 1000))
+    replicas_max: int = _opt(10, _int_at_least(1, 1000))
+    scale_target: float = _opt(10.0, _positive_number)
+    scale_window: float = _opt(60.0, _positive_duration)
+    scale_down_window: float = _opt(300.0, _positive_duration)
+    scale_idle: float = _opt(0.0, parse_duration)  # 0: as long as scale_down_window
 
 
 def _etcd_url(value: Any) -> str:

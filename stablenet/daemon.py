@@ -16,7 +16,7 @@ from stablenet.admin import AdminServer
 from stablenet.cluster import Cluster
 from stablenet.config import Config
 from stablenet.controller import Controller
-from stablenet.controller.loop import never_busy
+from stablenet.controller.loop import never_busy, no_load
 from stablenet.dns import DnsServer
 from stablenet.docker.networks import engine_networks
 from stablenet.docker.source import DockerSource
@@ -92,10 +92,14 @@ class Daemon:
                 config.controller,
                 log=self.events,
                 busy=self.proxy.in_flight if self.proxy is not None else never_busy,
+                concurrency=self.proxy.concurrency if self.proxy is not None else no_load,
+                requests=self._requests,
             )
             if config.controller.enabled
             else None
         )
+        if self.controller is not None and self.proxy is not None:
+            self.proxy.dispatcher.on_hold = self.controller.demand
         self.collector = Collector(
             self.registry,
             source=self.source,
@@ -120,6 +124,10 @@ class Daemon:
         if self.cluster is not None:
             self.admin.status["cluster"] = self.cluster.status
         self.stopping = asyncio.Event()
+
+    def _requests(self, service: str) -> int:
+        """A service's proxied requests so far (the autoscaler's sign of life)."""
+        return self.proxy.count(service).requests if self.proxy is not None else 0
 
     def listeners(self) -> list[contextlib.AbstractAsyncContextManager[Any]]:
         """Servers in start order; they close in reverse (admin first, so it closes last)."""

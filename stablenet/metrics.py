@@ -83,8 +83,19 @@ class Collector:
                 replicas.add_metric([name, "desired"], status.desired)
             replicas.add_metric([name, "ready"], status.ready)
             degraded.add_metric([name], 1 if status.degraded else 0)
+        concurrency = GaugeMetricFamily(
+            "stablenet_service_concurrency",
+            "Autoscaled services' average requests in flight (held included), by window.",
+            labels=["service", "window"],
+        )
+        for name, status in sorted(controller.status.items()):
+            if status.autoscale is not None:
+                concurrency.add_metric([name, "stable"], status.autoscale["concurrency"])
+                concurrency.add_metric([name, "panic"], status.autoscale["panic_concurrency"])
+                replicas.add_metric([name, "recommended"], status.autoscale["recommendation"])
         yield replicas
         yield degraded
+        yield concurrency
         yield GaugeMetricFamily(
             "stablenet_controller_active",
             "1 when this stablenet holds the controller lock and acts.",

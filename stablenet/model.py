@@ -194,10 +194,40 @@ class SetRemote:
 
 
 @dataclass(frozen=True, slots=True)
+class Front:
+    """A service the proxy fronts whether or not it has endpoints (an autoscaled one, perhaps
+    scaled to zero): its names stay routed and its listeners open, requests for it are held
+    until a replica is ready, and DNS answers its name with the proxy's address."""
+
+    http_hosts: tuple[str, ...] = ()
+    listeners: tuple[str, ...] = ()  # as Endpoint.listeners
+    parked: bool = False  # scaled to zero: every replica stopped
+
+
+@dataclass(frozen=True, slots=True)
+class SetFront:
+    """Front a service (``front``), or stop fronting it (None)."""
+
+    service: str
+    front: Front | None
+
+
+@dataclass(frozen=True, slots=True)
 class SetSynced:
     """Whether the registry reflects a live connection to its source."""
 
     synced: bool
 
 
-Change = Upsert | Remove | Drain | Undrain | Resync | Problem | SetVerdict | SetSynced | SetRemote
+Change = (
+    Upsert
+    | Remove
+    | Drain
+    | Undrain
+    | Resync
+    | Problem
+    | SetVerdict
+    | SetSynced
+    | SetRemote
+    | SetFront
+)

@@ -19,9 +19,11 @@ from stablenet.model import (
     Change,
     Drain,
     Endpoint,
+    Front,
     Problem,
     Remove,
     Resync,
+    SetFront,
     SetRemote,
     SetSynced,
     SetVerdict,
@@ -49,6 +51,7 @@ class Snapshot:
     synced: bool = False
     problems: Mapping[str, str] = field(default_factory=dict)  # container id -> why skipped
     created: float = 0.0  # unix time this version was made
+    fronted: Mapping[str, Front] = field(default_factory=dict)  # service -> how it is fronted
 
     @classmethod
     def build(
@@ -58,6 +61,7 @@ class Snapshot:
         synced: bool,
         problems: Mapping[str, str],
         prefer: str = LOCAL_FIRST,
+        fronted: Mapping[str, Front] | None = None,
     ) -> Snapshot:
         services: dict[str, list[Endpoint]] = {}
         by_address: dict[str, Endpoint] = {}
@@ -81,6 +85,7 @@ class Snapshot:
             synced=synced,
             problems=MappingProxyType(dict(problems)),
             created=time.time(),
+            fronted=MappingProxyType(dict(fronted or {})),
         )
 
 
@@ -101,6 +106,7 @@ class Registry:
         endpoints = dict(old.endpoints)
         problems = dict(old.problems)
         synced = old.synced
+        fronted = dict(old.fronted)
         for change in changes:
             match change:
                 case Upsert(endpoint=ep):
@@ -152,10 +158,22 @@ class Registry:
                         if ep.id not in fresh:
                             fresh[ep.id] = _carry_over(endpoints.get(ep.id), ep)
                     endpoints = fresh
-        if endpoints == old.endpoints and problems == old.problems and synced == old.synced:
+                case SetFront(service=service, front=front):
+                    if front is None:
+                        fronted.pop(service, None)
+                    else:
+                        fronted[service] = front
+        if (
+            endpoints == old.endpoints
+            and problems == old.problems
+            and synced == old.synced
+            and fronted == old.fronted
+        ):
             return old
         _log_transitions(old.endpoints, endpoints)
-        self.snapshot = Snapshot.build(old.version + 1, endpoints, synced, problems, self.prefer)
+        self.snapshot = Snapshot.build(
+            old.version + 1, endpoints, synced, problems, self.prefer, fronted
+        )
         woken, self._changed = self._changed, asyncio.Event()
         woken.set()
         return self.snapshot

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import docker
 import docker.errors
 
-from stablenet.controller.spec import HEAL, REPLICAS
+from stablenet.controller.spec import MANAGING
 from stablenet.controller.template import ReplicaPlan
 from stablenet.docker.source import close_quietly, read_events
 
@@ -36,7 +36,7 @@ class Engine:
     async def managed(self) -> list[Mapping[str, Any]]:
         """Every container, running or not, that carries a controller label."""
         seen: dict[str, Mapping[str, Any]] = {}
-        for label in (REPLICAS, HEAL):
+        for label in MANAGING:
             listed = await self.call(self.client.containers, all=True, filters={"label": label})
             for item in listed:
                 seen[str(item["Id"])] = item

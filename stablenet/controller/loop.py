@@ -24,6 +24,13 @@ import docker
 import docker.errors
 
 from stablenet.config import ControllerConfig
+from stablenet.controller.autoscale import (
+    SAMPLE,
+    Scaler,
+    ScaleSpec,
+    is_autoscaled,
+    scale_spec,
+)
 from stablenet.controller.engine import Engine, EventQueue
 from stablenet.controller.plan import (
     LIVE,
@@ -31,12 +38,14 @@ from stablenet.controller.plan import (
     Discard,
     Grow,
     Heal,
+    Park,
     Replica,
     Shrink,
     Start,
     View,
     backoff_delay,
     breaker_limit,
+    counted,
     decide,
     ready_count,
 )
@@ -55,7 +64,7 @@ from stablenet.docker.source import DockerLost, default_client, describe, unwrap
 from stablenet.docker.translate import LabelError, event_time, service_of
 from stablenet.errors import StartupError
 from stablenet.events import EventLog
-from stablenet.model import Drain
+from stablenet.model import Drain, Front, SetFront
 from stablenet.model import State as EpState
 from stablenet.registry import Registry, Snapshot
 
@@ -69,6 +78,10 @@ _NAME_TRIES = 50
 
 
 def never_busy(cid: str) -> int:
+    return 0
+
+
+def no_load(service: str) -> int:
     return 0
 
 
@@ -106,6 +119,7 @@ class ServiceStatus:
     refused: str | None = None
     problem: str | None = None
     in_flight: int = 0
+    autoscale: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -121,6 +135,7 @@ class ServiceStatus:
             "refused": self.refused,
             "problem": self.problem,
             "in_flight": self.in_flight,
+            "autoscale": self.autoscale,
         }
 
 
@@ -147,11 +162,18 @@ class Controller:
         log: EventLog | None = None,
         busy: Callable[[str], int] = never_busy,
         client_factory: Callable[[], docker.APIClient] = default_client,
+        concurrency: Callable[[str], int] = no_load,
+        requests: Callable[[str], int] = no_load,
     ) -> None:
         self.registry = registry
         self.config = config
         self.log = log
         self.busy = busy
+        self.concurrency = concurrency  # a service's requests in flight plus held
+        self.requests = requests  # a service's requests so far (a counter)
+        self._scalers: dict[str, Scaler] = {}
+        self._seen_requests: dict[str, int] = {}
+        self._recommended: dict[str, int] = {}
         self.dir = StateDir(config.state_dir)
         self.state = State()
         self.active = False  # holds the lock
@@ -263,13 +285,14 @@ class Controller:
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._consume(queue), name="controller-events")
             tasks.create_task(self._follow_registry(), name="controller-registry")
+            tasks.create_task(self._sample(), name="controller-autoscale")
             while True:
                 changed = self._changed
                 await self._reconcile(engine)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(_TICK):
                         await changed.wait()
-                await asyncio.sleep(0.05)  # let a burst of events settle into one pass
+                await asyncio.sleep(0.01)  # let a burst of events settle into one pass
 
     def _pulse(self) -> None:
         woken, self._changed = self._changed, asyncio.Event()
@@ -277,6 +300,33 @@ class Controller:
 
     async def _follow_registry(self) -> None:
         async for _snap in self.registry.watch(self.registry.snapshot.version):
+            self._pulse()
+
+    async def _sample(self) -> None:
+        """Every 100 ms, each autoscaled service's concurrency (and whether a request came)."""
+        while True:
+            await asyncio.sleep(SAMPLE)
+            for service in list(self._scalers):
+                self._take_sample(service)
+
+    def _take_sample(self, service: str) -> None:
+        scaler = self._scalers.get(service)
+        if scaler is None:
+            return
+        load = self.concurrency(service)
+        count = self.requests(service)
+        active = count != self._seen_requests.get(service, count)
+        self._seen_requests[service] = count
+        scaler.sample(time.monotonic(), load, active)
+        status = self.status.get(service)
+        if load and status is not None and not status.ready and not status.in_flight:
+            self._pulse()  # asked for with nothing ready: act now, not at the next tick
+
+    def demand(self, service: str) -> None:
+        """A request began waiting for a service with no ready endpoint (the proxy's hold
+        hook): an autoscaled service scaled to zero starts a replica at once."""
+        if service in self._scalers:
+            self._take_sample(service)
             self._pulse()
 
     async def _consume(self, queue: EventQueue) -> None:
@@ -307,7 +357,11 @@ class Controller:
         verb = str(event.get("Action") or event.get("status") or "").split(":", 1)[0].strip()
         at = event_time(event)
         svc = self.state.service(service)
-        if verb == "start":
+        if cid in svc.parked and verb in ("kill", "die", "stop"):
+            pass  # stablenet parked it
+        elif verb == "start":
+            if cid in svc.parked:
+                svc.parked.remove(cid)
             self._operator_kill.discard(cid)
             self._oom.discard(cid)
             self._failed.pop(cid, None)
@@ -333,6 +387,8 @@ class Controller:
                 self._failed[cid] = _why_died(code, cid in self._oom)
         elif verb == "destroy":
             operator = not self._ours(cid) and (cid in svc.held or cid in self._operator_kill)
+            if cid in svc.parked:
+                svc.parked.remove(cid)
             self._retired.discard(cid)
             if cid in svc.held:
                 svc.held.remove(cid)
@@ -382,6 +438,7 @@ class Controller:
             if self._in_flight[service]:
                 continue
             self.state.services.pop(service, None)
+            self._stop_scaling(service)
             if self.status.pop(service, None) is not None:
                 self._note(service, "", "every container is gone: no longer managed")
         for service, problem in problems.items():
@@ -435,6 +492,17 @@ class Controller:
         if desired is not None:
             desired = max(0, desired - svc.released)
         replicas = tuple(self._replica(m, svc, snap, now) for m in group)
+        scaling: ScaleSpec | None = None
+        if is_autoscaled(lead.labels):
+            try:
+                scaling = scale_spec(lead.labels, lead.name, self.config)
+            except LabelError as exc:
+                status.problem = str(exc)
+                return
+            desired = self._autoscale(service, scaling, replicas, status)
+            self._front(service, snap, replicas)
+        else:
+            self._stop_scaling(service)
         refused = await self._refusal(engine, spec, desired, replicas)
         if refused is not None and status.refused != refused:
             logger.warning("controller: service %s cannot be replicated: %s", service, refused)
@@ -448,11 +516,12 @@ class Controller:
             next_try=self._next_try(svc, now),
             degraded=svc.degraded,
             refused=refused,
+            park=scaling is not None,
         )
         status.desired = desired
         status.heal = spec.heal
         status.ready = ready_count(view)
-        status.replicas = sum(1 for r in replicas if (r.status in LIVE and not r.failed) or r.held)
+        status.replicas = len(counted(view))
         status.held = sorted(r.name for r in replicas if r.held)
         status.degraded = svc.degraded
         status.refused = refused
@@ -460,6 +529,60 @@ class Controller:
         for action in decide(view, now, self.config.unhealthy_grace):
             self._launch(service, action, group)
         status.in_flight = self._in_flight[service]
+
+    def _autoscale(
+        self, service: str, spec: ScaleSpec, replicas: tuple[Replica, ...], status: ServiceStatus
+    ) -> int:
+        """The count the autoscaler recommends now; a change is an event with its reason."""
+        now = time.monotonic()
+        current = sum(1 for r in replicas if r.status in LIVE and not r.failed and not r.parked)
+        ready = sum(1 for r in replicas if r.ready)
+        scaler = self._scalers.get(service)
+        if scaler is None or scaler.spec != spec:
+            scaler = self._scalers[service] = Scaler(spec, now, current)
+        if self._in_flight[service]:
+            current = max(current, self._recommended.get(service, current))
+        rec = scaler.recommend(now, current, ready)
+        previous = self._recommended.get(service)
+        self._recommended[service] = rec.desired
+        if previous is not None and rec.desired != previous:
+            self._note(service, "", f"scale {previous} -> {rec.desired}: {rec.reason}")
+            direction = "scale_up" if rec.desired > previous else "scale_down"
+            kind = "idle" if "no request" in rec.reason else "panic" if rec.panicking else "load"
+            self.actions[(service, direction, kind)] += 1
+        status.autoscale = {
+            "min": spec.min,
+            "max": spec.max,
+            "target": spec.target,
+            "window": spec.window,
+            "down_window": spec.down_window,
+            "idle": spec.idle,
+            "concurrency": round(rec.stable, 3),
+            "panic_concurrency": round(rec.panic, 3),
+            "panic": rec.panicking,
+            "recommendation": rec.desired,
+            "reason": rec.reason,
+        }
+        return rec.desired
+
+    def _front(self, service: str, snap: Snapshot, replicas: tuple[Replica, ...]) -> None:
+        """Keep an autoscaled service routed, and answered with the proxy's address, with or
+        without running replicas."""
+        endpoints = snap.services.get(service, ())
+        old = snap.fronted.get(service)
+        hosts = endpoints[0].http_hosts if endpoints else old.http_hosts if old else ()
+        listeners = endpoints[0].listeners if endpoints else old.listeners if old else ()
+        parked = not any(r.status in LIVE and not r.parked for r in replicas)
+        front = Front(tuple(hosts), tuple(listeners), parked)
+        if front != old:
+            self.registry.apply([SetFront(service, front)])
+
+    def _stop_scaling(self, service: str) -> None:
+        self._scalers.pop(service, None)
+        self._recommended.pop(service, None)
+        self._seen_requests.pop(service, None)
+        if service in self.registry.snapshot.fronted:
+            self.registry.apply([SetFront(service, None)])
 
     def _replica(self, m: _Member, svc: ServiceState, snap: Snapshot, now: float) -> Replica:
         ep = snap.endpoints.get(m.id)
@@ -473,7 +596,10 @@ class Controller:
             self._unhealthy_since.pop(m.id, None)
         failed = self._failed.get(m.id) if m.id in self._confirmed else None
         found_stopped = (
-            m.status in ("exited", "dead") and m.id not in self._failed and m.id not in self._acting
+            m.status in ("exited", "dead")
+            and m.id not in self._failed
+            and m.id not in self._acting
+            and m.id not in svc.parked
         )
         return Replica(
             id=m.id,
@@ -487,6 +613,7 @@ class Controller:
             ours=m.labels.get(MANAGED) == "true",
             started=m.status != "created",
             busy=m.id in self._acting,
+            parked=m.id in svc.parked and m.status in ("exited", "dead", "created"),
         )
 
     def _ready(self, m: _Member, snap: Snapshot) -> bool:
@@ -591,6 +718,8 @@ class Controller:
                     result = await self._restart(engine, service, action.target)
                 case Shrink():
                     result = await self._retire(engine, action.target)
+                case Park():
+                    result = await self._park(service, engine, action.target)
                 case Discard():
                     self._retired.add(action.target)
                     await engine.remove(action.target)
@@ -751,6 +880,18 @@ class Controller:
             self._acting.pop(cid, None)
         return "drained and removed"
 
+    async def _park(self, service: str, engine: Engine, cid: str) -> str:
+        """Drain and stop, but keep the container: starting it again is faster than a new one."""
+        parked = self.state.service(service).parked
+        if cid not in parked:
+            parked.append(cid)  # before the stop: its events are stablenet's own
+        self._save()
+        await self._drain(cid)
+        ep = self.registry.snapshot.endpoints.get(cid)
+        with contextlib.suppress(docker.errors.NotFound):
+            await engine.stop(cid, stop_timeout(ep) if ep is not None else None)
+        return "drained and stopped (parked)"
+
     async def _drain(self, cid: str) -> None:
         if cid in self.registry.snapshot.endpoints:
             self.registry.apply([Drain(cid)])
@@ -774,6 +915,12 @@ class Controller:
             return (
                 f"no managed service named {service!r}; label its containers with "
                 "stablenet.replicas=N or stablenet.heal"
+            )
+        if service in self._scalers:
+            spec = self._scalers[service].spec
+            return (
+                f"service {service!r} is autoscaled between {spec.min} and {spec.max} replicas; "
+                "change its stablenet.replicas.min / stablenet.replicas.max labels instead"
             )
         svc = self.state.service(service)
         svc.scale = replicas

@@ -12,7 +12,8 @@ The rules, in order:
 5. With a count: fewer replicas (running, starting, or stopped by the operator, who keeps
    their slot) than the count: create one (after the backoff when failures are recent); more:
    remove one, not-ready first, then the newest. Containers stopped by the operator are never
-   chosen."""
+   chosen. An autoscaled service starts parked replicas before it creates any, creates every
+   missing one at once, and parks (stops, keeps) surplus ones instead of removing them."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ class Replica:
     ours: bool = False  # created by stablenet
     started: bool = True  # False: created by stablenet and never started
     busy: bool = False  # an operation is acting on it
+    parked: bool = False  # stopped by the autoscaler; started again before creating
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +54,7 @@ class View:
     next_try: float = 0.0  # backoff: no new attempt before this (unix time)
     degraded: str | None = None
     refused: str | None = None  # why its template cannot be replicated
+    park: bool = False  # autoscaled: surplus replicas are stopped (parked), not removed
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,14 @@ class Shrink:
 
 
 @dataclass(frozen=True, slots=True)
+class Park:
+    """Drain and stop a surplus replica but keep it, to start it again when load returns."""
+
+    target: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Discard:
     """Remove a failed container nothing needs any more (the count is met without it)."""
 
@@ -87,12 +98,16 @@ class Discard:
     reason: str
 
 
-Action = Start | Heal | Grow | Shrink | Discard
+Action = Start | Heal | Grow | Shrink | Park | Discard
 
 
 def counted(view: View) -> list[Replica]:
     """The replicas that fill the count: live ones and those the operator stopped."""
-    return [r for r in view.replicas if (r.status in LIVE and r.failed is None) or r.held]
+    return [
+        r
+        for r in view.replicas
+        if ((r.status in LIVE and r.failed is None) or r.held) and not r.parked
+    ]
 
 
 def ready_count(view: View) -> int:
@@ -109,7 +124,9 @@ def decide(view: View, now: float, grace: float) -> list[Action]:
         return []
     idle = [r for r in view.replicas if not r.busy]
     unstarted = [
-        r for r in idle if r.ours and not r.started and r.status == "created" and r.failed is None
+        r
+        for r in idle
+        if r.ours and not r.started and r.status == "created" and r.failed is None and not r.parked
     ]
     if unstarted:
         return [Start(unstarted[0].id, "created but never started")]
@@ -140,29 +157,39 @@ def decide(view: View, now: float, grace: float) -> list[Action]:
     if count < view.desired:
         if waiting or blocked or view.refused is not None:
             return []
-        template = _template(view)
-        if template is None:
-            return []
         missing = view.desired - count
         reason = f"{count} of {view.desired} replicas"
-        grow = min(missing, max(1, math.ceil(view.desired / 2) - ready_count(view)))
-        if not urgent(view):
+        parked = [r for r in idle if r.parked and r.failed is None]
+        parked.sort(key=lambda r: -r.created)
+        starts: list[Action] = [Start(r.id, f"{reason}: start a parked one") for r in parked]
+        if view.park:  # autoscaled: every missing replica at once
+            grow = missing
+        elif urgent(view):
+            grow = min(missing, max(1, math.ceil(view.desired / 2) - ready_count(view)))
+        else:
             grow = 1
-        return [Grow(template.id, reason)] * grow
+        template = _template(view)
+        if template is None:
+            return starts[:grow]
+        return (starts + [Grow(template.id, reason)] * grow)[:grow]
     if count > view.desired and not view.in_flight:
         victims = [r for r in idle if not r.held and r.status in LIVE]
         if not victims:
             return []
         victims.sort(key=lambda r: (r.ready, -r.created))
         victim = victims[0]
-        return [Shrink(victim.id, f"{count} replicas for a count of {view.desired}")]
+        reason = f"{count} replicas for a count of {view.desired}"
+        if view.park:
+            surplus = count - view.desired
+            return [Park(v.id, reason) for v in victims[:surplus]]
+        return [Shrink(victim.id, reason)]
     return []
 
 
 def _template(view: View) -> Replica | None:
     """The replica to copy: the newest ready one, else the newest live, else any."""
     ranked = sorted(
-        view.replicas,
+        [r for r in view.replicas if not r.parked],
         key=lambda r: (r.ready, r.status in LIVE and r.failed is None, not r.ours, r.created),
         reverse=True,
     )

@@ -26,9 +26,13 @@ class Spec:
     heal: str
 
 
+# Any of these puts a service under the controller (the last three: autoscaling).
+MANAGING = (REPLICAS, HEAL, LABEL + "replicas.min", LABEL + "replicas.max", LABEL + "scale.target")
+
+
 def is_managed(labels: Mapping[str, str]) -> bool:
     """Whether a container asks for the controller at all: nothing else is ever touched."""
-    return REPLICAS in labels or HEAL in labels
+    return any(label in labels for label in MANAGING)
 
 
 def spec_of(labels: Mapping[str, str], name: str, default_heal: str) -> Spec:

@@ -24,6 +24,7 @@ class ServiceState:
     scale: int | None = None  # `stablenet scale` override of the label's count
     released: int = 0  # slots the operator gave up by removing containers
     held: list[str] = field(default_factory=list)  # container ids the operator stopped
+    parked: list[str] = field(default_factory=list)  # stopped by the autoscaler, kept
     streak: int = 0  # failures in a row
     last_failure: float = 0.0  # unix time
     degraded: str | None = None

@@ -108,7 +108,7 @@ class ZoneIndex:
 
         services: set[tuple[bytes, ...]] = set()
         stable_addresses = {a for addresses in settings.stable.values() for a in addresses}
-        for service in snap.services:
+        for service in sorted({*snap.services, *snap.fronted}):
             rel = _relative(service)
             if rel is None:
                 continue

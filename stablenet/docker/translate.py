@@ -38,6 +38,12 @@ KNOWN_LABELS = frozenset(
         "replicas",
         "heal",
         "managed",
+        "replicas.min",
+        "replicas.max",
+        "scale.target",
+        "scale.window",
+        "scale.down_window",
+        "scale.idle",
     )
 )
 _SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")

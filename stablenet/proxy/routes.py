@@ -67,17 +67,21 @@ def normalize_host(raw: str) -> str:
 def build_routes(
     snap: Snapshot, zone: str, previous: Routes | None, now: float, remember: float = REMEMBER
 ) -> Routes:
-    """``<service>.<zone>`` for every service, plus every name (exact or wildcard) in an
-    endpoint's ``stablenet.http.host`` label. The zone name of a service wins over another
-    service's label; between labels naming the same name, the first service by name wins."""
+    """``<service>.<zone>`` for every service (fronted ones too), plus every name (exact or
+    wildcard) in an endpoint's (or a front's) ``stablenet.http.host`` label. The zone name of
+    a service wins over another service's label; between labels naming the same name, the
+    first service by name wins."""
     hosts: dict[str, str] = {}
     suffix = "." + zone.strip(".").lower()
-    for service in snap.services:
+    for service in (*snap.services, *snap.fronted):
         hosts[service.lower() + suffix] = service
     for service, endpoints in snap.services.items():
         for ep in endpoints:
             for name in ep.http_hosts:
                 hosts.setdefault(normalize_host(name), service)
+    for service, front in snap.fronted.items():  # fronted with no endpoint: its own names
+        for name in front.http_hosts:
+            hosts.setdefault(normalize_host(name), service)
     gone: dict[str, tuple[str, float]] = {}
     if previous is not None:
         for host, service in previous.hosts.items():

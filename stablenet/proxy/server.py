@@ -87,6 +87,7 @@ class Proxy(Server):
         self._dynamic_seen: dict[DynamicKey, float] = {}
         self._wanted: set[DynamicKey] = set()  # what the labels declare, as of the last refresh
         self._stable: dict[str, tuple[str, ...]] | None = None
+        self._fronted: tuple[str, ...] = ()  # services fronted as of the last refresh
         self.on_stable = on_stable
         self._dynamic_failed: set[DynamicKey] = set()
         self._dynamic_lock = asyncio.Lock()
@@ -175,11 +176,13 @@ class Proxy(Server):
         (a restarting container keeps its listener, and requests are held there)."""
         now = self.loop.time()
         wanted: set[DynamicKey] = set()
-        for ep in snap.endpoints.values():
-            for entry in ep.listeners:
+        declared = [(ep.service, ep.listeners) for ep in snap.endpoints.values()]
+        declared += [(service, front.listeners) for service, front in snap.fronted.items()]
+        for service, listeners in declared:
+            for entry in listeners:
                 kind, _, hostport = entry.partition(":")
                 host, port = parse_hostport(hostport)
-                key = (ep.service, kind, host, port)
+                key = (service, kind, host, port)
                 wanted.add(key)
                 self._dynamic_seen[key] = now
         for key, seen in list(self._dynamic_seen.items()):
@@ -194,6 +197,7 @@ class Proxy(Server):
         """Take the listeners a snapshot declares; tell ``on_stable`` when the services'
         stable addresses change. Returns the declared listeners."""
         self._wanted = self._declared(snap)
+        self._fronted = tuple(snap.fronted)
         stable = self.stable_addresses()
         if stable != self._stable:
             self._stable = stable
@@ -201,13 +205,19 @@ class Proxy(Server):
         return self._wanted
 
     def stable_addresses(self) -> dict[str, tuple[str, ...]]:
-        """Service -> the addresses of its dedicated listeners (config and labels), for DNS."""
+        """Service -> the addresses of its dedicated listeners (config and labels), or the
+        proxy's own for a fronted service with none, for DNS."""
         out: dict[str, list[str]] = {}
         keys = [(lst.service, lst.host) for lst in self.listeners if lst.service]
         keys += [(service, host) for service, _, host, _ in self._wanted]
         for service, host in keys:
             if service and host not in ("0.0.0.0", "::") and host not in out.get(service, []):
                 out.setdefault(service, []).append(host)
+        # A fronted service without a listener of its own is reached on the proxy's address.
+        main = self.listeners[0].host
+        for service in self._fronted:
+            if service not in out and main not in ("0.0.0.0", "::"):
+                out[service] = [main]
         return {service: tuple(hosts) for service, hosts in out.items()}
 
     async def _sync_dynamic(self, wanted: set[DynamicKey]) -> None:
