@@ -176,6 +176,9 @@ def _managed_line(managed: dict[str, Any]) -> str:
         + (f" of {desired} desired" if desired is not None else " (heal only)"),
         f"heal={managed.get('heal')}",
     ]
+    scaling = managed.get("autoscale")
+    if scaling:
+        parts.append(f"autoscaled {scaling['min']}-{scaling['max']}: {scaling['reason']}")
     if managed.get("held"):
         parts.append("stopped by the operator: " + ", ".join(managed["held"]))
     last = managed.get("last_action")

@@ -78,6 +78,8 @@ function managed(name, c) {
   const parts = [c.desired === null ? "heal only" : c.ready + " of " + c.desired + " replicas ready",
     "heal: " + c.heal];
   if (c.held.length) parts.push("stopped by the operator: " + c.held.join(", "));
+  if (c.autoscale) parts.push("autoscaled " + c.autoscale.min + "-" + c.autoscale.max +
+    (c.autoscale.panic ? " (panic)" : "") + ": " + c.autoscale.reason);
   if (c.last_action) parts.push("last: " + c.last_action.action + " " + c.last_action.target +
     " (" + c.last_action.reason + "): " + c.last_action.result);
   if (c.next_retry_at) parts.push("next retry in " + age(c.next_retry_at - Date.now() / 1000));

@@ -27,7 +27,7 @@ from stablenet.events import EventLog
 from stablenet.health.checker import HealthChecker
 from stablenet.model import State as EpState
 from stablenet.registry import Registry
-from tests.helpers import Containers, free_port, until
+from tests.helpers import HTTPD, Containers, free_port, until
 
 FAST = ControllerConfig(
     state_dir="/unused",
@@ -341,8 +341,11 @@ async def test_a_replica_is_faithful_to_its_template(
     ))  # fmt: skip
     volume = docker_client.volumes.create(harness.containers.name("vol"))
     await harness.start()
-    tpl = harness.containers.run(
-        "tpl",
+    # Made with both its networks before it starts, as compose makes it.
+    tpl = harness.client.containers.create(
+        harness.containers.image,
+        HTTPD,
+        name=harness.containers.name("tpl"),
         labels=labels(svc, **{"stablenet.replicas": "2", "com.docker.compose.project": "p"}),
         environment={"GREETING": "hello"},
         working_dir="/www",
@@ -355,8 +358,10 @@ async def test_a_replica_is_faithful_to_its_template(
         healthcheck={"test": ["CMD", "true"], "interval": 1_000_000_000},
         network=net.name,
     )
+    harness.containers.created.append(str(tpl.id))
     other = harness.containers.network("other")
-    other.connect(tpl, aliases=["tpl-alias"])  # a second attachment, as compose makes them
+    other.connect(tpl, aliases=["tpl-alias"])
+    tpl.start()
     await harness.settle(lambda c: len(harness.members(svc)) == 2 and at_count(svc, 2)(c), 40)
     replica = next(c for c in harness.members(svc) if c.id != tpl.id)
     tpl.reload()

@@ -197,7 +197,10 @@ class Controller:
         self._unhealthy_since: dict[str, float] = {}
         self._inspects: dict[str, Mapping[str, Any]] = {}
         self._in_flight: collections.Counter[str] = collections.Counter()
+        # Replicas on their way, per service: launched creations whose container is not made
+        # yet, and containers made but not yet seen in a listing. Both count toward the count.
         self._creating: collections.Counter[str] = collections.Counter()
+        self._made: dict[str, set[str]] = {}
         self._reserved: set[str] = set()  # names of replicas being created
         self._members: dict[str, _Member] = {}
         self._ops: set[asyncio.Task[None]] = set()
@@ -389,6 +392,8 @@ class Controller:
             operator = not self._ours(cid) and (cid in svc.held or cid in self._operator_kill)
             if cid in svc.parked:
                 svc.parked.remove(cid)
+            for made in self._made.values():
+                made.discard(cid)
             self._retired.discard(cid)
             if cid in svc.held:
                 svc.held.remove(cid)
@@ -512,7 +517,7 @@ class Controller:
             desired=desired,
             heal=spec.heal,
             in_flight=self._in_flight[service],
-            creating=self._creating[service],
+            creating=self._on_the_way(service, group),
             next_try=self._next_try(svc, now),
             degraded=svc.degraded,
             refused=refused,
@@ -529,6 +534,12 @@ class Controller:
         for action in decide(view, now, self.config.unhealthy_grace):
             self._launch(service, action, group)
         status.in_flight = self._in_flight[service]
+
+    def _on_the_way(self, service: str, group: list[_Member]) -> int:
+        made = self._made.get(service)
+        if made:
+            made -= {m.id for m in group}  # listed now: counted as what it is
+        return self._creating[service] + len(made or ())
 
     def _autoscale(
         self, service: str, spec: ScaleSpec, replicas: tuple[Replica, ...], status: ServiceStatus
@@ -601,11 +612,12 @@ class Controller:
             and m.id not in self._acting
             and m.id not in svc.parked
         )
+        starting = self._acting.get(m.id) == "start"  # a parked or unstarted one, starting
         return Replica(
             id=m.id,
             name=m.name,
             created=m.created,
-            status=m.status,
+            status="created" if starting else m.status,
             ready=self._ready(m, snap),
             unhealthy_since=since,
             held=m.id in svc.held or found_stopped,
@@ -613,7 +625,7 @@ class Controller:
             ours=m.labels.get(MANAGED) == "true",
             started=m.status != "created",
             busy=m.id in self._acting,
-            parked=m.id in svc.parked and m.status in ("exited", "dead", "created"),
+            parked=not starting and m.id in svc.parked and m.status in ("exited", "dead"),
         )
 
     def _ready(self, m: _Member, snap: Snapshot) -> bool:
@@ -687,6 +699,8 @@ class Controller:
         if not isinstance(action, Grow):
             self._acting[target] = kind
         self._in_flight[service] += 1
+        if isinstance(action, Grow) or (isinstance(action, Heal) and action.how == "replace"):
+            self._creating[service] += 1  # until _grow has made the container
         last = LastAction(
             kind if not isinstance(action, Heal) else action.how, name, action.reason, time.time()
         )
@@ -745,17 +759,17 @@ class Controller:
 
     async def _grow(self, engine: Engine, service: str, template: str, replaced: str | None) -> str:
         """Create a replica from ``template``; once it is ready, retire ``replaced``."""
-        inspect = await engine.inspect(template)
-        if inspect is None:
-            raise DockerLost(f"template container {template[:12]} is gone")
-        plan = replica_plan(inspect, service)
         began = time.monotonic()
-        self._creating[service] += 1  # counted before the engine lists it
         try:
+            inspect = await engine.inspect(template)
+            if inspect is None:
+                raise DockerLost(f"template container {template[:12]} is gone")
+            plan = replica_plan(inspect, service)
             cid, name = await self._create(engine, service, plan)
             self._acting[cid] = "create"
+            self._made.setdefault(service, set()).add(cid)
         finally:
-            self._creating[service] -= 1
+            self._creating[service] -= 1  # taken at launch
         try:
             changed = self._changed
             try:
