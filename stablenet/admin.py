@@ -7,7 +7,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -23,6 +23,8 @@ from stablenet.units import parse_hostport
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ServiceInfo = Mapping[str, Callable[[str], Any]]
+"""Further keys of a service's JSON, each from a part that knows it (e.g. "vip")."""
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})  # "/" is the page; its data is guarded
 
 
@@ -63,20 +65,25 @@ def endpoint_json(ep: Endpoint, now: float) -> dict[str, Any]:
     }
 
 
-def service_json(name: str, snap: Snapshot, now: float) -> dict[str, Any]:
+def service_json(
+    name: str, snap: Snapshot, now: float, info: ServiceInfo | None = None
+) -> dict[str, Any]:
     endpoints = snap.services.get(name, ())
-    return {
+    body = {
         "name": name,
         "ready": len(snap.ready.get(name, ())),
         "endpoints": [endpoint_json(ep, now) for ep in endpoints],
     }
+    for key, part in (info or {}).items():
+        body[key] = part(name)
+    return body
 
 
-def services_json(snap: Snapshot, now: float) -> dict[str, Any]:
+def services_json(snap: Snapshot, now: float, info: ServiceInfo | None = None) -> dict[str, Any]:
     return {
         "version": snap.version,
         "synced": snap.synced,
-        "services": [service_json(name, snap, now) for name in snap.services],
+        "services": [service_json(name, snap, now, info) for name in snap.services],
         "problems": [{"id": cid, "message": msg} for cid, msg in sorted(snap.problems.items())],
     }
 
@@ -92,8 +99,10 @@ class AdminServer(Server):
         token: str = "",
         events: EventLog | None = None,
         metrics: Callable[[], bytes] | None = None,
+        service_info: ServiceInfo | None = None,
     ) -> None:
         super().__init__()
+        self._info = service_info
         self._registry = registry
         self._events = events
         self._metrics = metrics
@@ -138,14 +147,14 @@ class AdminServer(Server):
         return web.json_response(body, status=200 if snap.synced else 503)
 
     async def _services(self, request: web.Request) -> web.Response:
-        return web.json_response(services_json(self._registry.snapshot, time.time()))
+        return web.json_response(services_json(self._registry.snapshot, time.time(), self._info))
 
     async def _service(self, request: web.Request) -> web.Response:
         name = request.match_info["name"].lower()
         snap = self._registry.snapshot
         if name not in snap.services:
             return web.json_response({"error": f"no service named {name!r}"}, status=404)
-        return web.json_response(service_json(name, snap, time.time()))
+        return web.json_response(service_json(name, snap, time.time(), self._info))
 
     async def _recent_events(self, request: web.Request) -> web.Response:
         try:

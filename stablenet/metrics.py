@@ -4,7 +4,7 @@ cost of building metric families is paid by the scraper, not by requests or quer
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -36,8 +36,10 @@ class Collector:
         health: HealthChecker | None = None,
         dns: DnsServer | None = None,
         proxy: Proxy | None = None,
+        extra: Sequence[Callable[[], Iterable[Metric]]] = (),
     ) -> None:
         self._registry = registry
+        self._extra = extra
         self._source = source
         self._health = health
         self._dns = dns
@@ -53,6 +55,8 @@ class Collector:
             yield from self._dns_metrics(self._dns.stats)
         if self._proxy is not None:
             yield from self._proxy_metrics(self._proxy)
+        for part in self._extra:
+            yield from part()
 
     def _registry_metrics(self) -> Iterable[Metric]:
         snap = self._registry.snapshot

@@ -68,6 +68,7 @@ class Endpoint:
     stop_signal: str = ""  # the image's STOPSIGNAL when it is not SIGTERM (e.g. SIGWINCH)
     stop_timeout: float | None = None  # the container's StopTimeout; None: Docker's default
     listeners: tuple[str, ...] = ()  # dedicated proxy listeners, "http:HOST:PORT" / "tcp:..."
+    exposed: tuple[str, ...] = ()  # the container's exposed ports, "80/tcp", "53/udp", sorted
 
     @property
     def state(self) -> State:

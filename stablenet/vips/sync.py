@@ -1,0 +1,349 @@
+"""The loop that keeps the kernel in step with the registry: allocate an address for every new
+service (persisted before use), plan the table from the routable endpoints of each snapshot,
+apply the difference as one transaction, forget stale UDP flows, and tell DNS and the proxy
+which addresses exist. Starts by checking the range and reconciling with what the kernel already
+holds; leaves the table in place on stop, so the kernel keeps serving while stablenet is away."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from stablenet.errors import StartupError
+from stablenet.histogram import Histogram
+from stablenet.lifecycle import Server
+from stablenet.model import Endpoint
+from stablenet.registry import Registry, Snapshot
+from stablenet.vips import alloc, kernel, rules, store
+from stablenet.vips.labels import Mode, endpoint_ports, mode_of
+
+logger = logging.getLogger(__name__)
+
+Listeners = set[tuple[str, str, str, int]]  # (service, "http" | "tcp", address, port)
+EngineSubnets = Callable[[], Awaitable[list[tuple[str, str]]]]  # [(network name, subnet)]
+
+
+def no_subnets() -> Awaitable[list[tuple[str, str]]]:
+    async def none() -> list[tuple[str, str]]:
+        return []
+
+    return none()
+
+
+@dataclasses.dataclass(slots=True)
+class VipStats:
+    updates: int = 0  # transactions applied after the first reconcile
+    errors: int = 0  # transactions the kernel refused (each followed by a reconcile)
+    reconciles: int = 0
+    reconcile_seconds: float = 0.0  # the last one: read + plan + apply
+    conntrack_deleted: int = 0
+    update_seconds: Histogram = dataclasses.field(default_factory=Histogram)
+
+
+class VipManager(Server):
+    """Owns the virtual addresses of every service while stablenet runs."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        network: str,
+        state_dir: str,
+        proxy: bool = True,
+        on_addresses: Callable[[dict[str, str]], None] | None = None,
+        on_listeners: Callable[[Listeners], None] | None = None,
+        engine: EngineSubnets = no_subnets,
+    ) -> None:
+        super().__init__()
+        self.registry = registry
+        self.network = ipaddress.IPv4Network(network)
+        self.state_dir = state_dir
+        self.proxy = proxy
+        self.on_addresses = on_addresses
+        self.on_listeners = on_listeners
+        self.engine = engine
+        self.addresses: dict[str, str] = {}  # service -> address (the allocation file)
+        self.modes: dict[str, Mode] = {}  # last data path seen per service
+        self.table = rules.EMPTY  # what the kernel holds, as of the last transaction
+        self.listeners: Listeners = set()
+        self.stats = VipStats()
+        self.ready = asyncio.Event()  # set once the first reconcile is done
+        self._nft: kernel.Nft | None = None
+        self._warned: set[str] = set()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        subnets = await self.engine()
+        problem = alloc.range_problem(self.network, subnets, await kernel.host_routes())
+        if problem is not None:
+            raise StartupError(problem)
+        if os.geteuid() != 0:
+            raise StartupError(
+                "vips.enabled: programming the kernel's NAT needs root; run stablenet as root "
+                "or set vips.enabled = false"
+            )
+        try:
+            self._nft = kernel.Nft()
+            self.addresses = await asyncio.to_thread(store.load, self.state_dir)
+        except (kernel.KernelError, store.StoreError) as exc:
+            raise StartupError(str(exc)) from None
+        self.addresses = alloc.assign((), self.network, self.addresses)
+        if self.on_addresses is not None:
+            self.on_addresses(dict(self.addresses))
+        logger.info(
+            "virtual addresses from %s (%d allocated, kept in %s)",
+            self.network,
+            len(self.addresses),
+            os.path.join(self.state_dir, store.FILE),
+        )
+        self.spawn(self._follow(), name="vips")
+
+    async def stop(self) -> None:
+        await self.cancel_tasks()  # the table stays: the kernel keeps serving
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    async def _follow(self) -> None:
+        snap = await self.registry.until(lambda s: s.synced)
+        await self.reconcile(snap)
+        self.ready.set()
+        async for later in self.registry.watch(snap.version):
+            await self.update(later)
+
+    async def reconcile(self, snap: Snapshot) -> None:
+        """Read the kernel's table and bring it to this snapshot in one transaction."""
+        nft = self._need()
+        began = time.perf_counter()
+        try:
+            held = await nft.read()
+        except (kernel.KernelError, rules.Unreadable) as exc:
+            logger.warning("vips: rewriting table %s: %s", rules.TABLE, exc)
+            held = None
+        wanted = await self._plan(snap, held or rules.EMPTY)
+        if held is None:
+            cmds = [f"add table {rules.TABLE}", f"delete table {rules.TABLE}"]
+            cmds += rules.reconcile(rules.EMPTY, wanted)
+            held = rules.EMPTY
+        else:
+            cmds = rules.reconcile(held, wanted)
+        await nft.run(cmds)
+        self.table = dataclasses.replace(wanted, picks=frozenset(wanted.services.values()))
+        self.stats.reconciles += 1
+        self.stats.reconcile_seconds = time.perf_counter() - began
+        logger.info(
+            "vips: kernel table reconciled: %d service ports, %d addresses (%.1f ms)",
+            len(wanted.services),
+            len(wanted.vips),
+            self.stats.reconcile_seconds * 1e3,
+        )
+        await self._forget(held, self.table)
+
+    async def update(self, snap: Snapshot) -> None:
+        """Apply the difference between the table and this snapshot."""
+        began = time.perf_counter()
+        old = self.table
+        new = await self._plan(snap, old)
+        cmds = rules.diff(old, new)
+        if not cmds:
+            return
+        try:
+            await self._need().run(cmds)
+        except kernel.KernelError as exc:
+            self.stats.errors += 1
+            logger.error("vips: kernel refused an update (%s); reconciling", exc)
+            await self.reconcile(snap)
+            return
+        self.table = rules.with_picks(old, new)
+        self.stats.updates += 1
+        self.stats.update_seconds.observe(time.perf_counter() - began)
+        await self._forget(old, self.table)
+
+    def _need(self) -> kernel.Nft:
+        if self._nft is None:
+            self._nft = kernel.Nft()
+        return self._nft
+
+    # -- planning -------------------------------------------------------------------------------
+
+    async def _plan(self, snap: Snapshot, previous: rules.Table) -> rules.Table:
+        await self._allocate(snap.services)
+        services: list[rules.ServicePlan] = []
+        held: list[str] = []
+        listeners: Listeners = set()
+        for name, address in self.addresses.items():
+            endpoints = snap.services.get(name, ())
+            if endpoints:
+                self.modes[name] = self._mode(name, endpoints)
+            mode = self.modes.get(name, Mode.KERNEL)
+            if mode is not Mode.KERNEL:
+                kind = "tcp" if mode is Mode.PROXY_TCP else "http"
+                for ep in endpoints:
+                    listeners.update(
+                        (name, kind, address, p.service_port)
+                        for p in endpoint_ports(ep)
+                        if p.proto == "tcp"
+                    )
+                listeners.update(k for k in self.listeners if k[0] == name and not endpoints)
+                continue
+            ready = snap.ready.get(name, ())
+            if ready:
+                services.append(rules.ServicePlan(address, _weights(ready)))
+            else:
+                held.append(address)
+        if listeners != self.listeners:
+            self.listeners = listeners
+            if self.on_listeners is not None:
+                self.on_listeners(set(listeners))
+        return rules.plan(services, held, previous)
+
+    def _mode(self, name: str, endpoints: Iterable[Endpoint]) -> Mode:
+        mode = next((mode_of(ep) for ep in endpoints), Mode.KERNEL)
+        if mode is not Mode.KERNEL and (not self.proxy or self.on_listeners is None):
+            if name not in self._warned:
+                self._warned.add(name)
+                logger.warning(
+                    "vips: service %s asks for the proxy data path, but the proxy is off "
+                    "(proxy.enabled = false); serving it from the kernel",
+                    name,
+                )
+            return Mode.KERNEL
+        return mode
+
+    async def _allocate(self, names: Iterable[str]) -> None:
+        missing = [n for n in names if n not in self.addresses]
+        if not missing:
+            return
+        try:
+            fresh = alloc.assign(missing, self.network, self.addresses)
+        except alloc.RangeFull as exc:
+            logger.error("%s", exc)
+            return
+        await asyncio.to_thread(store.save, self.state_dir, fresh)  # before anyone sees one
+        for name in sorted(set(fresh) - set(self.addresses)):
+            logger.info("vips: service %s has virtual address %s", name, fresh[name])
+        self.addresses = fresh
+        if self.on_addresses is not None:
+            self.on_addresses(dict(fresh))
+
+    # -- stale UDP flows ------------------------------------------------------------------------
+
+    async def _forget(self, old: rules.Table, new: rules.Table) -> None:
+        """UDP conntrack entries that would keep a flow on an endpoint no longer in its slots,
+        or untranslated from when its service had no endpoint, are deleted."""
+        for key in set(old.services) | set(new.services):
+            vip, proto, port = key
+            if proto != "udp":
+                continue
+            before = {t[0] for t in old.targets(key)}
+            after = {t[0] for t in new.targets(key)}
+            if after and not before:
+                self.stats.conntrack_deleted += await kernel.forget_udp(vip, port)
+            for address in sorted(before - after):
+                self.stats.conntrack_deleted += await kernel.forget_udp(vip, port, address)
+
+    # -- what others show -----------------------------------------------------------------------
+
+    def info(self, service: str) -> dict[str, Any] | None:
+        """The service's address and data path, for the admin API and the status page."""
+        address = self.addresses.get(service)
+        if address is None:
+            return None
+        mode = self.modes.get(service, Mode.KERNEL)
+        if mode is not Mode.KERNEL:
+            ports = sorted(
+                {f"{kind}/{port}" for svc, kind, _, port in self.listeners if svc == service}
+            )
+            return {"address": address, "path": mode.value, "ports": ports}
+        ports = []
+        for key in sorted(k for k in self.table.services if k[0] == address):
+            targets = sorted({f"{a}:{p}" for a, p in self.table.targets(key)})
+            ports.append(f"{key[1]}/{key[2]}->{','.join(targets)}")
+        return {"address": address, "path": mode.value, "ports": ports}
+
+    def metrics(self) -> Iterable[Metric]:
+        stats = self.stats
+        yield _counter("stablenet_vip_updates", "Kernel table updates applied.", stats.updates)
+        yield _counter(
+            "stablenet_vip_update_errors",
+            "Kernel table updates refused (each followed by a reconcile).",
+            stats.errors,
+        )
+        yield _counter(
+            "stablenet_vip_reconciles", "Full reconciles with the kernel.", stats.reconciles
+        )
+        yield _counter(
+            "stablenet_vip_conntrack_deleted",
+            "Stale UDP conntrack entries deleted.",
+            stats.conntrack_deleted,
+        )
+        gauge = GaugeMetricFamily(
+            "stablenet_vip_reconcile_seconds", "Duration of the last full reconcile."
+        )
+        gauge.add_metric([], stats.reconcile_seconds)
+        yield gauge
+        addresses = GaugeMetricFamily(
+            "stablenet_vip_addresses", "Virtual addresses allocated, by data path.", labels=["path"]
+        )
+        counts: dict[str, int] = {m.value: 0 for m in Mode}
+        for name in self.addresses:
+            counts[self.modes.get(name, Mode.KERNEL).value] += 1
+        for path, count in counts.items():
+            addresses.add_metric([path], count)
+        yield addresses
+        hist = stats.update_seconds
+        family = HistogramMetricFamily(
+            "stablenet_vip_update_seconds", "Time to plan and apply one kernel table update."
+        )
+        family.add_metric([], hist.buckets(), hist.total)
+        yield family
+
+
+def _counter(name: str, doc: str, value: int) -> Metric:
+    family = CounterMetricFamily(name, doc)
+    family.add_metric([], value)
+    return family
+
+
+def _weights(ready: Iterable[Endpoint]) -> Mapping[tuple[str, int], Mapping[rules.Target, int]]:
+    """(protocol, service port) -> (endpoint address, container port) -> weight, over the
+    routable IPv4 endpoints (the first mapping of a service port in an endpoint wins)."""
+    out: dict[tuple[str, int], dict[rules.Target, int]] = {}
+    for ep in ready:
+        if ":" in ep.address:
+            continue  # the table is IPv4
+        seen: set[tuple[str, int]] = set()
+        for p in endpoint_ports(ep):
+            port = (p.proto, p.service_port)
+            if port in seen:
+                continue
+            seen.add(port)
+            out.setdefault(port, {})[(ep.address, p.container_port)] = ep.weight
+    return out
+
+
+async def remove_table(state_dir: str) -> None:
+    """VIPs are off: remove the table a run with them on left behind (only where one did: the
+    allocation file says so; the file stays, so turning them on again gives the same
+    addresses)."""
+    if not await asyncio.to_thread(os.path.exists, os.path.join(state_dir, store.FILE)):
+        return
+    try:
+        removed = await kernel.Nft().delete_table()
+    except (kernel.KernelError, OSError) as exc:
+        logger.warning("vips are off but table %s could not be removed: %s", rules.TABLE, exc)
+        return
+    if removed:
+        logger.info("vips are off: table %s removed", rules.TABLE)
