@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import ipaddress
 import json
 import logging
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -18,6 +20,7 @@ from stablenet.vips import rules
 logger = logging.getLogger(__name__)
 
 DEBIAN_BINDING = Path("/usr/lib/python3/dist-packages/nftables")
+SYS_NET = Path("/sys/class/net")
 
 
 class KernelError(Exception):
@@ -148,3 +151,43 @@ async def host_routes() -> list[tuple[str, str]]:
         and r.get("type", "unicast") == "unicast"
         and r.get("table") != "local"
     ]
+
+
+def _bridge_of(address: str, routes: list[tuple[str, str]]) -> str | None:
+    """The bridge whose connected route holds ``address`` (longest prefix), or None."""
+    ip = ipaddress.IPv4Address(address)
+    best: tuple[int, str] | None = None
+    for dst, dev in routes:
+        try:
+            net = ipaddress.IPv4Network(dst, strict=False)
+        except ValueError:
+            continue
+        if ip in net and (best is None or net.prefixlen > best[0]):
+            best = (net.prefixlen, dev)
+    if best is None or not (SYS_NET / best[1] / "bridge").is_dir():
+        return None
+    return best[1]
+
+
+def hairpin_blocking(addresses: Iterable[str], routes: list[tuple[str, str]]) -> list[str]:
+    """Turn on hairpin mode on the ports of the bridges that hold these endpoints: a container
+    reaching its own service's address is translated back to itself, and a bridge sends a frame
+    back out the port it came in on only in that mode (Docker does the same for its published
+    ports when run with userland-proxy=false). Returns the bridges changed."""
+    changed: list[str] = []
+    for bridge in sorted({b for a in addresses if (b := _bridge_of(a, routes)) is not None}):
+        for mode in (SYS_NET / bridge / "brif").glob("*/hairpin_mode"):
+            try:
+                if mode.read_text().strip() != "1":
+                    mode.write_text("1")
+                    if bridge not in changed:
+                        changed.append(bridge)
+            except OSError:
+                continue  # the port went away meanwhile
+    return changed
+
+
+async def hairpin(addresses: Iterable[str]) -> None:
+    changed = await asyncio.to_thread(hairpin_blocking, list(addresses), await host_routes())
+    for bridge in changed:
+        logger.info("vips: hairpin mode on for the ports of bridge %s", bridge)

@@ -80,6 +80,7 @@ class VipManager(Server):
         self.listeners: Listeners = set()
         self.stats = VipStats()
         self.ready = asyncio.Event()  # set once the first reconcile is done
+        self._applied = asyncio.Event()  # set (and replaced) after every transaction
         self._nft: kernel.Nft | None = None
         self._warned: set[str] = set()
 
@@ -149,6 +150,8 @@ class VipManager(Server):
             len(wanted.vips),
             self.stats.reconcile_seconds * 1e3,
         )
+        self._wake()
+        await kernel.hairpin(self.table.hairpin)
         await self._forget(held, self.table)
 
     async def update(self, snap: Snapshot) -> None:
@@ -169,7 +172,23 @@ class VipManager(Server):
         self.table = rules.with_picks(old, new)
         self.stats.updates += 1
         self.stats.update_seconds.observe(time.perf_counter() - began)
+        self._wake()
+        if self.table.hairpin - old.hairpin:
+            await kernel.hairpin(self.table.hairpin - old.hairpin)
         await self._forget(old, self.table)
+
+    def _wake(self) -> None:
+        woken, self._applied = self._applied, asyncio.Event()
+        woken.set()
+
+    async def until(self, predicate: Callable[[rules.Table], bool]) -> rules.Table:
+        """The first table the kernel holds (the current one included) for which ``predicate``
+        is true. Bound the wait with ``asyncio.timeout``."""
+        while True:
+            applied = self._applied
+            if predicate(self.table):
+                return self.table
+            await applied.wait()
 
     def _need(self) -> kernel.Nft:
         if self._nft is None:
