@@ -137,7 +137,7 @@ async def test_tcp_and_udp_on_the_virtual_address_from_host_container_and_itself
             bodies = [r.output.decode() for r in runs]
             assert all("200 OK" in b for b in bodies), (who.name, bodies)
         # Some of the replica's requests were translated back to itself (hairpin).
-        assert any(b.rstrip().endswith(replica.id[:12]) for b in bodies)
+        assert any(b.rstrip().endswith(str(replica.id)[:12]) for b in bodies)
         udp_cmd = (
             '/usr/bin/python3.11 -c "import socket; s = socket.socket(2, 2); s.settimeout(2); '
             f"s.sendto(b'?', ('{uvip}', 53)); print(s.recv(100).decode())\""
