@@ -153,6 +153,24 @@ async def host_routes() -> list[tuple[str, str]]:
     ]
 
 
+def proc_routes() -> list[tuple[str, str]]:
+    """(destination, device) of the main table's IPv4 routes, from /proc/net/route (a file
+    read: no process to start on the event loop's behalf)."""
+    out: list[tuple[str, str]] = []
+    try:
+        lines = Path("/proc/net/route").read_text().splitlines()[1:]
+    except OSError:
+        return out
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 8 or fields[1] == "00000000":
+            continue
+        dst = ipaddress.IPv4Address(int(fields[1], 16).to_bytes(4, "little"))
+        mask = ipaddress.IPv4Address(int(fields[7], 16).to_bytes(4, "little"))
+        out.append((f"{dst}/{bin(int(mask)).count('1')}", fields[0]))
+    return out
+
+
 def _bridge_of(address: str, routes: list[tuple[str, str]]) -> str | None:
     """The bridge whose connected route holds ``address`` (longest prefix), or None."""
     ip = ipaddress.IPv4Address(address)
@@ -169,12 +187,13 @@ def _bridge_of(address: str, routes: list[tuple[str, str]]) -> str | None:
     return best[1]
 
 
-def hairpin_blocking(addresses: Iterable[str], routes: list[tuple[str, str]]) -> list[str]:
+def hairpin_blocking(addresses: Iterable[str]) -> list[str]:
     """Turn on hairpin mode on the ports of the bridges that hold these endpoints: a container
     reaching its own service's address is translated back to itself, and a bridge sends a frame
     back out the port it came in on only in that mode (Docker does the same for its published
     ports when run with userland-proxy=false). Returns the bridges changed."""
     changed: list[str] = []
+    routes = proc_routes()
     for bridge in sorted({b for a in addresses if (b := _bridge_of(a, routes)) is not None}):
         for mode in (SYS_NET / bridge / "brif").glob("*/hairpin_mode"):
             try:
@@ -188,6 +207,6 @@ def hairpin_blocking(addresses: Iterable[str], routes: list[tuple[str, str]]) ->
 
 
 async def hairpin(addresses: Iterable[str]) -> None:
-    changed = await asyncio.to_thread(hairpin_blocking, list(addresses), await host_routes())
+    changed = await asyncio.to_thread(hairpin_blocking, list(addresses))
     for bridge in changed:
         logger.info("vips: hairpin mode on for the ports of bridge %s", bridge)

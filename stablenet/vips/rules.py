@@ -185,11 +185,13 @@ def _slot(key: SlotKey) -> str:
     return f"{key[0]} . {key[1]} . {key[2]} . {key[3]}"
 
 
-def diff(old: Table, new: Table) -> list[str]:
+def diff(old: Table, new: Table, picks: frozenset[int] | None = None) -> list[str]:
     """The commands (one transaction) that turn ``old`` into ``new``: element changes only,
-    plus a pick chain the first time a slot count is used. Empty when nothing differs."""
+    plus a pick chain the first time a slot count is used (``picks``: the chains present,
+    ``old.picks`` by default). Empty when nothing differs."""
     cmds: list[str] = []
-    for n in sorted(set(new.services.values()) - old.picks):
+    present = old.picks if picks is None else picks
+    for n in sorted(set(new.services.values()) - present):
         cmds += pick_chain(n)
     gone_services = [k for k, n in old.services.items() if new.services.get(k) != n]
     added_services = [k for k, n in new.services.items() if old.services.get(k) != n]
@@ -213,6 +215,22 @@ def diff(old: Table, new: Table) -> list[str]:
     cmds += _elements("delete", "hairpin", gone_pairs)
     cmds += _elements("delete", "vips", sorted(old.vips - new.vips))
     return cmds
+
+
+def merge(parts: Iterable[Table]) -> Table:
+    """One table from the parts of several services."""
+    services: dict[Key, int] = {}
+    slots: dict[SlotKey, Target] = {}
+    vips: set[str] = set()
+    hairpin: set[str] = set()
+    picks: set[int] = set()
+    for part in parts:
+        services.update(part.services)
+        slots.update(part.slots)
+        vips |= part.vips
+        hairpin |= part.hairpin
+        picks |= part.picks
+    return Table(services, slots, frozenset(vips), frozenset(hairpin), frozenset(picks))
 
 
 def with_picks(old: Table, new: Table) -> Table:

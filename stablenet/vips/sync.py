@@ -33,6 +33,7 @@ from stablenet.vips.labels import Mode, endpoint_ports, mode_of
 logger = logging.getLogger(__name__)
 
 Listeners = set[tuple[str, str, str, int]]  # (service, "http" | "tcp", address, port)
+Signature = tuple[str, tuple[Endpoint, ...], tuple[Endpoint, ...]]  # address, endpoints, ready
 EngineSubnets = Callable[[], Awaitable[list[tuple[str, str]]]]  # [(network name, subnet)]
 
 
@@ -77,6 +78,12 @@ class VipManager(Server):
         self.addresses: dict[str, str] = {}  # service -> address (the allocation file)
         self.modes: dict[str, Mode] = {}  # last data path seen per service
         self.table = rules.EMPTY  # what the kernel holds, as of the last transaction
+        self._fragments: dict[str, tuple[Signature, rules.Table]] = {}  # per service
+        self._services: dict[rules.Key, int] = {}  # the merged table, kept in step
+        self._slots: dict[rules.SlotKey, rules.Target] = {}
+        self._vips: set[str] = set()
+        self._hairpin: set[str] = set()
+        self._picks: set[int] = set()
         self.listeners: Listeners = set()
         self.stats = VipStats()
         self.ready = asyncio.Event()  # set once the first reconcile is done
@@ -133,15 +140,27 @@ class VipManager(Server):
         except (kernel.KernelError, rules.Unreadable) as exc:
             logger.warning("vips: rewriting table %s: %s", rules.TABLE, exc)
             held = None
-        wanted = await self._plan(snap, held or rules.EMPTY)
+        await self._allocate(snap.services)
+        previous = held or rules.EMPTY
+        fragments = {
+            name: self._fragment(name, address, snap, previous)
+            for name, address in self.addresses.items()
+        }
+        wanted = rules.merge(frag for _, frag in fragments.values())
         if held is None:
             cmds = [f"add table {rules.TABLE}", f"delete table {rules.TABLE}"]
             cmds += rules.reconcile(rules.EMPTY, wanted)
-            held = rules.EMPTY
         else:
             cmds = rules.reconcile(held, wanted)
         await nft.run(cmds)
-        self.table = dataclasses.replace(wanted, picks=frozenset(wanted.services.values()))
+        self._fragments = fragments
+        self._services = dict(wanted.services)
+        self._slots = dict(wanted.slots)
+        self._vips = set(wanted.vips)
+        self._hairpin = set(wanted.hairpin)
+        self._picks = set(wanted.services.values())
+        self._publish()
+        self._listen(snap)
         self.stats.reconciles += 1
         self.stats.reconcile_seconds = time.perf_counter() - began
         logger.info(
@@ -150,34 +169,74 @@ class VipManager(Server):
             len(wanted.vips),
             self.stats.reconcile_seconds * 1e3,
         )
-        self._wake()
-        await kernel.hairpin(self.table.hairpin)
-        await self._forget(held, self.table)
+        self.spawn(kernel.hairpin(wanted.hairpin), name="vips-hairpin")
+        await self._forget([(previous, wanted)])
 
-    async def update(self, snap: Snapshot) -> None:
-        """Apply the difference between the table and this snapshot."""
+    async def update(self, snap: Snapshot) -> float | None:
+        """Apply what changed since the last snapshot: only the services whose endpoints
+        changed are planned again. Returns the seconds until the kernel held it (None when
+        nothing changed)."""
         began = time.perf_counter()
-        old = self.table
-        new = await self._plan(snap, old)
-        cmds = rules.diff(old, new)
+        await self._allocate(snap.services)
+        changes: list[tuple[str, rules.Table, rules.Table]] = []
+        fresh: dict[str, tuple[Signature, rules.Table]] = {}
+        for name, address in self.addresses.items():
+            before = self._fragments.get(name)
+            signature = (address, snap.services.get(name, ()), snap.ready.get(name, ()))
+            if before is not None and before[0] == signature:
+                continue
+            old = before[1] if before is not None else rules.EMPTY
+            fresh[name] = self._fragment(name, address, snap, old)
+            changes.append((name, old, fresh[name][1]))
+        self._listen(snap)
+        cmds: list[str] = []
+        picks = set(self._picks)
+        for _, old, new in changes:
+            cmds += rules.diff(old, new, frozenset(picks))
+            picks.update(new.services.values())
+        if cmds:
+            try:
+                await self._need().run(cmds)
+            except kernel.KernelError as exc:
+                self.stats.errors += 1
+                logger.error("vips: kernel refused an update (%s); reconciling", exc)
+                await self.reconcile(snap)
+                return None
+        self._fragments.update(fresh)
         if not cmds:
-            return
-        try:
-            await self._need().run(cmds)
-        except kernel.KernelError as exc:
-            self.stats.errors += 1
-            logger.error("vips: kernel refused an update (%s); reconciling", exc)
-            await self.reconcile(snap)
-            return
-        self.table = rules.with_picks(old, new)
+            return None
+        for _, old, _new in changes:
+            for key in old.services:
+                self._services.pop(key, None)
+            for slot in old.slots:
+                self._slots.pop(slot, None)
+            self._vips -= old.vips
+            self._hairpin -= old.hairpin
+        for _, _, new in changes:
+            self._services.update(new.services)
+            self._slots.update(new.slots)
+            self._vips |= new.vips
+            self._hairpin |= new.hairpin
+        self._picks = picks
+        self._publish()
+        took = time.perf_counter() - began
         self.stats.updates += 1
-        self.stats.update_seconds.observe(time.perf_counter() - began)
-        self._wake()
-        if self.table.hairpin - old.hairpin:
-            await kernel.hairpin(self.table.hairpin - old.hairpin)
-        await self._forget(old, self.table)
+        self.stats.update_seconds.observe(took)
+        added = {a for _, old, new in changes for a in new.hairpin - old.hairpin}
+        if added:
+            self.spawn(kernel.hairpin(added), name="vips-hairpin")
+        await self._forget([(old, new) for _, old, new in changes])
+        return took
 
-    def _wake(self) -> None:
+    def _publish(self) -> None:
+        """Make the merged table visible (a view over the live maps) and wake waiters."""
+        self.table = rules.Table(
+            self._services,
+            self._slots,
+            frozenset(self._vips),
+            frozenset(self._hairpin),
+            frozenset(self._picks),
+        )
         woken, self._applied = self._applied, asyncio.Event()
         woken.set()
 
@@ -197,36 +256,45 @@ class VipManager(Server):
 
     # -- planning -------------------------------------------------------------------------------
 
-    async def _plan(self, snap: Snapshot, previous: rules.Table) -> rules.Table:
-        await self._allocate(snap.services)
-        services: list[rules.ServicePlan] = []
-        held: list[str] = []
+    def _fragment(
+        self, name: str, address: str, snap: Snapshot, previous: rules.Table
+    ) -> tuple[Signature, rules.Table]:
+        """One service's part of the table (empty when the proxy serves it), laid out against
+        ``previous``, with the signature that tells when it must be planned again."""
+        endpoints = snap.services.get(name, ())
+        ready = snap.ready.get(name, ())
+        if endpoints:
+            self.modes[name] = self._mode(name, endpoints)
+        signature = (address, endpoints, ready)
+        if self.modes.get(name, Mode.KERNEL) is not Mode.KERNEL:
+            return signature, rules.EMPTY
+        weights = _weights(ready)
+        if not weights:
+            return signature, rules.plan([], [address], previous)
+        return signature, rules.plan([rules.ServicePlan(address, weights)], [], previous)
+
+    def _listen(self, snap: Snapshot) -> None:
+        """The proxy listeners of the services served by the proxy (kept while a service is
+        momentarily without endpoints)."""
         listeners: Listeners = set()
-        for name, address in self.addresses.items():
-            endpoints = snap.services.get(name, ())
-            if endpoints:
-                self.modes[name] = self._mode(name, endpoints)
-            mode = self.modes.get(name, Mode.KERNEL)
-            if mode is not Mode.KERNEL:
-                kind = "tcp" if mode is Mode.PROXY_TCP else "http"
-                for ep in endpoints:
-                    listeners.update(
-                        (name, kind, address, p.service_port)
-                        for p in endpoint_ports(ep)
-                        if p.proto == "tcp"
-                    )
-                listeners.update(k for k in self.listeners if k[0] == name and not endpoints)
+        for name, mode in self.modes.items():
+            if mode is Mode.KERNEL or name not in self.addresses:
                 continue
-            ready = snap.ready.get(name, ())
-            if ready:
-                services.append(rules.ServicePlan(address, _weights(ready)))
-            else:
-                held.append(address)
+            address = self.addresses[name]
+            endpoints = snap.services.get(name, ())
+            if not endpoints:
+                listeners.update(k for k in self.listeners if k[0] == name)
+            kind = "tcp" if mode is Mode.PROXY_TCP else "http"
+            for ep in endpoints:
+                listeners.update(
+                    (name, kind, address, p.service_port)
+                    for p in endpoint_ports(ep)
+                    if p.proto == "tcp"
+                )
         if listeners != self.listeners:
             self.listeners = listeners
             if self.on_listeners is not None:
                 self.on_listeners(set(listeners))
-        return rules.plan(services, held, previous)
 
     def _mode(self, name: str, endpoints: Iterable[Endpoint]) -> Mode:
         mode = next((mode_of(ep) for ep in endpoints), Mode.KERNEL)
@@ -259,19 +327,20 @@ class VipManager(Server):
 
     # -- stale UDP flows ------------------------------------------------------------------------
 
-    async def _forget(self, old: rules.Table, new: rules.Table) -> None:
+    async def _forget(self, changes: Iterable[tuple[rules.Table, rules.Table]]) -> None:
         """UDP conntrack entries that would keep a flow on an endpoint no longer in its slots,
         or untranslated from when its service had no endpoint, are deleted."""
-        for key in set(old.services) | set(new.services):
-            vip, proto, port = key
-            if proto != "udp":
-                continue
-            before = {t[0] for t in old.targets(key)}
-            after = {t[0] for t in new.targets(key)}
-            if after and not before:
-                self.stats.conntrack_deleted += await kernel.forget_udp(vip, port)
-            for address in sorted(before - after):
-                self.stats.conntrack_deleted += await kernel.forget_udp(vip, port, address)
+        for old, new in changes:
+            for key in set(old.services) | set(new.services):
+                vip, proto, port = key
+                if proto != "udp":
+                    continue
+                before = {t[0] for t in old.targets(key)}
+                after = {t[0] for t in new.targets(key)}
+                if after and not before:
+                    self.stats.conntrack_deleted += await kernel.forget_udp(vip, port)
+                for address in sorted(before - after):
+                    self.stats.conntrack_deleted += await kernel.forget_udp(vip, port, address)
 
     # -- what others show -----------------------------------------------------------------------
 
@@ -341,8 +410,8 @@ def _weights(ready: Iterable[Endpoint]) -> Mapping[tuple[str, int], Mapping[rule
     routable IPv4 endpoints (the first mapping of a service port in an endpoint wins)."""
     out: dict[tuple[str, int], dict[rules.Target, int]] = {}
     for ep in ready:
-        if ":" in ep.address:
-            continue  # the table is IPv4
+        if ":" in ep.address or ep.address.startswith("127."):
+            continue  # the table is IPv4; a host-network container cannot be translated to
         seen: set[tuple[str, int]] = set()
         for p in endpoint_ports(ep):
             port = (p.proto, p.service_port)
