@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,9 +46,9 @@ class Table:
 
     services: Mapping[Key, int] = field(default_factory=dict)
     slots: Mapping[SlotKey, Target] = field(default_factory=dict)
-    vips: frozenset[str] = frozenset()
-    hairpin: frozenset[str] = frozenset()
-    picks: frozenset[int] = frozenset()
+    vips: AbstractSet[str] = frozenset()
+    hairpin: AbstractSet[str] = frozenset()
+    picks: AbstractSet[int] = frozenset()
 
     def targets(self, key: Key) -> tuple[Target, ...]:
         """The service port's slots in order (an endpoint appears once per slot it holds)."""
@@ -185,7 +186,7 @@ def _slot(key: SlotKey) -> str:
     return f"{key[0]} . {key[1]} . {key[2]} . {key[3]}"
 
 
-def diff(old: Table, new: Table, picks: frozenset[int] | None = None) -> list[str]:
+def diff(old: Table, new: Table, picks: AbstractSet[int] | None = None) -> list[str]:
     """The commands (one transaction) that turn ``old`` into ``new``: element changes only,
     plus a pick chain the first time a slot count is used (``picks``: the chains present,
     ``old.picks`` by default). Empty when nothing differs."""

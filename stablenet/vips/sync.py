@@ -84,6 +84,9 @@ class VipManager(Server):
         self._vips: set[str] = set()
         self._hairpin: set[str] = set()
         self._picks: set[int] = set()
+        self._seen: Mapping[str, tuple[Endpoint, ...]] = {}  # the snapshot last planned from
+        self._seen_ready: Mapping[str, tuple[Endpoint, ...]] = {}
+        self._proxied: set[str] = set()  # services the proxy serves
         self.listeners: Listeners = set()
         self.stats = VipStats()
         self.ready = asyncio.Event()  # set once the first reconcile is done
@@ -159,6 +162,7 @@ class VipManager(Server):
         self._vips = set(wanted.vips)
         self._hairpin = set(wanted.hairpin)
         self._picks = set(wanted.services.values())
+        self._seen, self._seen_ready = snap.services, snap.ready
         self._publish()
         self._listen(snap)
         self.stats.reconciles += 1
@@ -180,15 +184,25 @@ class VipManager(Server):
         await self._allocate(snap.services)
         changes: list[tuple[str, rules.Table, rules.Table]] = []
         fresh: dict[str, tuple[Signature, rules.Table]] = {}
-        for name, address in self.addresses.items():
+        # Services whose endpoints (or routable ones) differ from the last snapshot's, and
+        # those gone from it: a comparison of tuples of the same objects, cheap per service.
+        services, ready, seen, seen_ready = snap.services, snap.ready, self._seen, self._seen_ready
+        touched = [n for n, e in services.items() if seen.get(n) != e or seen_ready[n] != ready[n]]
+        touched += seen.keys() - services.keys()
+        self._seen, self._seen_ready = services, ready
+        for name in touched:
+            address = self.addresses.get(name)
+            if address is None:
+                continue
             before = self._fragments.get(name)
-            signature = (address, snap.services.get(name, ()), snap.ready.get(name, ()))
+            signature = (address, services.get(name, ()), ready.get(name, ()))
             if before is not None and before[0] == signature:
                 continue
             old = before[1] if before is not None else rules.EMPTY
             fresh[name] = self._fragment(name, address, snap, old)
             changes.append((name, old, fresh[name][1]))
-        self._listen(snap)
+        if self._proxied or self.listeners:
+            self._listen(snap)
         cmds: list[str] = []
         picks = set(self._picks)
         for _, old, new in changes:
@@ -231,11 +245,7 @@ class VipManager(Server):
     def _publish(self) -> None:
         """Make the merged table visible (a view over the live maps) and wake waiters."""
         self.table = rules.Table(
-            self._services,
-            self._slots,
-            frozenset(self._vips),
-            frozenset(self._hairpin),
-            frozenset(self._picks),
+            self._services, self._slots, self._vips, self._hairpin, frozenset(self._picks)
         )
         woken, self._applied = self._applied, asyncio.Event()
         woken.set()
@@ -267,7 +277,9 @@ class VipManager(Server):
             self.modes[name] = self._mode(name, endpoints)
         signature = (address, endpoints, ready)
         if self.modes.get(name, Mode.KERNEL) is not Mode.KERNEL:
+            self._proxied.add(name)
             return signature, rules.EMPTY
+        self._proxied.discard(name)
         weights = _weights(ready)
         if not weights:
             return signature, rules.plan([], [address], previous)
@@ -277,9 +289,8 @@ class VipManager(Server):
         """The proxy listeners of the services served by the proxy (kept while a service is
         momentarily without endpoints)."""
         listeners: Listeners = set()
-        for name, mode in self.modes.items():
-            if mode is Mode.KERNEL or name not in self.addresses:
-                continue
+        for name in self._proxied:
+            mode = self.modes[name]
             address = self.addresses[name]
             endpoints = snap.services.get(name, ())
             if not endpoints:
