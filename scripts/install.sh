@@ -14,6 +14,9 @@ _apt_install ca-certificates docker.io busybox-static bind9-dnsutils dnsmasq-bas
     debootstrap
 # etcd-server: the store of the cluster layer ([cluster] etcd), for its tests and benchmark.
 _apt_install etcd-server
+# nftables, python3-nftables, conntrack: the kernel data path of per-service virtual addresses
+# (libnftables through Debian's binding; the conntrack tool forgets stale UDP flows).
+_apt_install nftables python3-nftables conntrack
 # chromium: the headless browser the status page test drives (Playwright uses it, never its own).
 _apt_install chromium
 
@@ -33,6 +36,12 @@ if [ ! -f "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -e '.[test]'
     touch "$stamp"
+fi
+# Debian's libnftables binding is installed for the system Python: link that one package (not the
+# whole of dist-packages) into the virtualenv. stablenet also finds it there by itself.
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [ -d /usr/lib/python3/dist-packages/nftables ] && [ ! -e "$site/nftables" ]; then
+    ln -s /usr/lib/python3/dist-packages/nftables "$site/nftables"
 fi
 # The compiler needs the headers of the Python the venv was made from (Debian's python3-dev).
 if ! .venv/bin/python -c 'import os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))' 2>/dev/null; then

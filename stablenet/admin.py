@@ -9,7 +9,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -27,6 +27,8 @@ from stablenet.units import parse_hostport
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ServiceInfo = Mapping[str, Callable[[str], Any]]
+"""Further keys of a service's JSON, each from a part that knows it (e.g. "vip")."""
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})  # "/" is the page; its data is guarded
 
 
@@ -69,19 +71,29 @@ def endpoint_json(ep: Endpoint, now: float) -> dict[str, Any]:
 
 
 def service_json(
-    name: str, snap: Snapshot, now: float, managed: dict[str, Any] | None = None
+    name: str,
+    snap: Snapshot,
+    now: float,
+    managed: dict[str, Any] | None = None,
+    info: ServiceInfo | None = None,
 ) -> dict[str, Any]:
     endpoints = snap.services.get(name, ())
-    return {
+    body = {
         "name": name,
         "ready": len(snap.ready.get(name, ())),
         "endpoints": [endpoint_json(ep, now) for ep in endpoints],
         "controller": managed,
     }
+    for key, part in (info or {}).items():
+        body[key] = part(name)
+    return body
 
 
 def services_json(
-    snap: Snapshot, now: float, managed: dict[str, dict[str, Any]] | None = None
+    snap: Snapshot,
+    now: float,
+    managed: dict[str, dict[str, Any]] | None = None,
+    info: ServiceInfo | None = None,
 ) -> dict[str, Any]:
     """Every service with endpoints, and every managed one (which may have none running)."""
     managed = managed or {}
@@ -89,7 +101,7 @@ def services_json(
     return {
         "version": snap.version,
         "synced": snap.synced,
-        "services": [service_json(name, snap, now, managed.get(name)) for name in names],
+        "services": [service_json(name, snap, now, managed.get(name), info) for name in names],
         "problems": [{"id": cid, "message": msg} for cid, msg in sorted(snap.problems.items())],
     }
 
@@ -106,8 +118,10 @@ class AdminServer(Server):
         events: EventLog | None = None,
         metrics: Callable[[], bytes] | None = None,
         controller: Controller | None = None,
+        service_info: ServiceInfo | None = None,
     ) -> None:
         super().__init__()
+        self._info = service_info
         self._registry = registry
         self._controller = controller
         self._events = events
@@ -160,7 +174,7 @@ class AdminServer(Server):
         return self._controller.services() if self._controller is not None else {}
 
     async def _services(self, request: web.Request) -> web.Response:
-        body = services_json(self._registry.snapshot, time.time(), self._managed())
+        body = services_json(self._registry.snapshot, time.time(), self._managed(), self._info)
         body.update((name, report()) for name, report in self.status.items())
         return web.json_response(body)
 
@@ -170,7 +184,9 @@ class AdminServer(Server):
         managed = self._managed()
         if name not in snap.services and name not in managed:
             return web.json_response({"error": f"no service named {name!r}"}, status=404)
-        return web.json_response(service_json(name, snap, time.time(), managed.get(name)))
+        return web.json_response(
+            service_json(name, snap, time.time(), managed.get(name), self._info)
+        )
 
     async def _scale(self, request: web.Request) -> web.Response:
         """POST {"replicas": N}: set a managed service's count; it persists across restarts."""

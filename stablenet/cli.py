@@ -194,6 +194,24 @@ def _managed_line(managed: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def _vip_lines(body: dict[str, Any]) -> list[str]:
+    """The services' virtual addresses and data paths (when VIPs are on), aligned."""
+    rows = [
+        (s["name"], s["vip"]["address"], s["vip"]["path"], " ".join(s["vip"]["ports"]) or "-")
+        for s in body.get("services", [])
+        if s.get("vip")
+    ]
+    if not rows:
+        return []
+    rows.insert(0, ("SERVICE", "VIRTUAL ADDRESS", "PATH", "PORTS"))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    out = [""]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        out.append("  ".join([*cells, row[3]]))
+    return out
+
+
 def render_table(body: dict[str, Any], colour: bool = False) -> str:
     """The services listing as aligned text: one row per endpoint."""
     rows = [("SERVICE", "ENDPOINT", "ADDRESS", "STATE", "AGE", "REASON")]
@@ -226,6 +244,7 @@ def render_table(body: dict[str, Any], colour: bool = False) -> str:
         managed = service.get("controller")
         if managed:
             lines.append(f"{service['name']}: {_managed_line(managed)}")
+    lines += _vip_lines(body)
     if not body.get("synced", True):
         lines.append("warning: not synced with the Docker Engine; showing the last known state")
     for problem in body.get("problems", []):

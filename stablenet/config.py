@@ -5,6 +5,7 @@ is accepted. Nothing here prints or exits; the CLI does that."""
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -343,6 +344,22 @@ class ClusterConfig:
     password: str = _opt("", _str)
 
 
+def _vip_range(value: Any) -> str:
+    try:
+        network = ipaddress.ip_network(_str(value).strip(), strict=True)
+    except ValueError:
+        raise ValueError("expected an IPv4 network such as 100.127.0.0/16") from None
+    if network.version != 4 or network.prefixlen > 30:
+        raise ValueError("expected an IPv4 network of at least 4 addresses, e.g. 100.127.0.0/16")
+    return str(network)
+
+
+@dataclass(frozen=True, slots=True)
+class VipsConfig:
+    enabled: bool = _opt(False, _bool)
+    range: str = _opt("100.127.0.0/16", _vip_range)
+
+
 @dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = _opt("info", _choice("debug", "info", "warning", "error"))
@@ -358,6 +375,7 @@ class Config:
     health: HealthConfig = field(default_factory=HealthConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    vips: VipsConfig = field(default_factory=VipsConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -369,6 +387,7 @@ SECTIONS: dict[str, type[Any]] = {
     "health": HealthConfig,
     "controller": ControllerConfig,
     "cluster": ClusterConfig,
+    "vips": VipsConfig,
     "log": LogConfig,
 }
 

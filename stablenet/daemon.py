@@ -8,7 +8,7 @@ import contextlib
 import logging
 import resource
 import signal
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from stablenet import __version__, native
@@ -18,7 +18,7 @@ from stablenet.config import Config
 from stablenet.controller import Controller
 from stablenet.controller.loop import never_busy, no_load
 from stablenet.dns import DnsServer
-from stablenet.docker.networks import engine_networks
+from stablenet.docker.networks import engine_networks, network_subnets
 from stablenet.docker.source import DockerSource
 from stablenet.docker.translate import Settings
 from stablenet.events import EventLog
@@ -27,6 +27,7 @@ from stablenet.metrics import Collector, exposition
 from stablenet.proxy import Proxy
 from stablenet.proxy.server import DRAIN_GRACE, no_stable
 from stablenet.registry import Registry
+from stablenet.vips import VipManager, remove_table
 
 logger = logging.getLogger(__name__)
 NR_OPEN = "/proc/sys/fs/nr_open"  # the kernel's ceiling for an unlimited RLIMIT_NOFILE
@@ -80,9 +81,23 @@ class Daemon:
                 report=self.health.outcome,
                 metrics=config.admin.metrics,
                 # A service with a dedicated listener is answered in DNS with its address.
-                on_stable=self.dns.set_stable_addresses if self.dns is not None else no_stable,
+                on_stable=self._proxy_stable if self.dns is not None else no_stable,
             )
             if config.proxy.enabled
+            else None
+        )
+        self._stable: dict[str, dict[str, tuple[str, ...]]] = {"proxy": {}, "vips": {}}
+        self.vips = (
+            VipManager(
+                self.registry,
+                config.vips.range,
+                config.controller.state_dir,
+                proxy=self.proxy is not None,
+                on_addresses=self._vip_addresses,
+                on_listeners=self.proxy.set_vip_listeners if self.proxy is not None else None,
+                engine=lambda: asyncio.to_thread(network_subnets),
+            )
+            if config.vips.enabled
             else None
         )
         self.events = EventLog(self.registry)
@@ -107,6 +122,7 @@ class Daemon:
             dns=self.dns,
             proxy=self.proxy,
             controller=self.controller,
+            extra=(self.vips.metrics,) if self.vips is not None else (),
         )
         self.admin = AdminServer(
             self.registry,
@@ -115,6 +131,7 @@ class Daemon:
             events=self.events,
             metrics=lambda: exposition(self.collector),
             controller=self.controller,
+            service_info={"vip": self.vips.info} if self.vips is not None else None,
         )
         self.cluster = (
             Cluster(self.registry, config.cluster, config.dns.zone, int(config.dns.ttl))
@@ -136,7 +153,28 @@ class Daemon:
             servers.append(self.dns)
         if self.proxy is not None:
             servers.append(self.proxy)
+        if self.vips is not None:
+            servers.append(self.vips)
         return servers
+
+    def _proxy_stable(self, stable: Mapping[str, tuple[str, ...]]) -> None:
+        self._stable["proxy"] = dict(stable)
+        self._publish_stable()
+
+    def _vip_addresses(self, addresses: Mapping[str, str]) -> None:
+        self._stable["vips"] = {name: (address,) for name, address in addresses.items()}
+        self._publish_stable()
+
+    def _publish_stable(self) -> None:
+        """DNS answers a service with its virtual address (long TTL) and its proxy listeners."""
+        if self.dns is None:
+            return
+        vips, proxy = self._stable["vips"], self._stable["proxy"]
+        merged = {
+            name: tuple(dict.fromkeys((*vips.get(name, ()), *proxy.get(name, ()))))
+            for name in {*vips, *proxy}
+        }
+        self.dns.set_stable_addresses(merged, frozenset(vips))
 
     def loops(self) -> dict[str, Callable[[], Coroutine[Any, Any, None]]]:
         """Long-lived loops, by name; each runs in the daemon's TaskGroup."""
@@ -157,6 +195,8 @@ class Daemon:
         logger.info("stablenet %s starting (request path: %s)", __version__, native.describe())
         if self.controller is not None:
             self.controller.prepare()
+        if self.vips is None:
+            await remove_table(self.config.controller.state_dir)
         async with contextlib.AsyncExitStack() as listeners:
             for listener in self.listeners():
                 await listeners.enter_async_context(listener)

@@ -4,7 +4,7 @@ cost of building metric families is paid by the scraper, not by requests or quer
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -38,9 +38,11 @@ class Collector:
         dns: DnsServer | None = None,
         proxy: Proxy | None = None,
         controller: Controller | None = None,
+        extra: Sequence[Callable[[], Iterable[Metric]]] = (),
     ) -> None:
         self._registry = registry
         self._controller = controller
+        self._extra = extra
         self._source = source
         self._health = health
         self._dns = dns
@@ -56,6 +58,8 @@ class Collector:
             yield from self._dns_metrics(self._dns.stats)
         if self._proxy is not None:
             yield from self._proxy_metrics(self._proxy)
+        for part in self._extra:
+            yield from part()
         if self._controller is not None:
             yield from self._controller_metrics(self._controller)
 

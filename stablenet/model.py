@@ -82,11 +82,13 @@ class Endpoint:
     listeners: tuple[str, ...] = ()  # dedicated proxy listeners, "http:HOST:PORT" / "tcp:..."
     host_port: int | None = None  # the port this host publishes ``port`` on (all addresses)
     origin: Origin | None = None  # None: a container of this host; else the host it runs on
+    exposed: tuple[str, ...] = ()  # the container's exposed ports, "80/tcp", "53/udp", sorted
 
     @property
     def host(self) -> str:
         """The host the container runs on; "" for this host."""
         return "" if self.origin is None else self.origin.host
+
 
     @property
     def state(self) -> State:

@@ -100,7 +100,8 @@ function renderServices(body) {
   root.replaceChildren();
   if (!body.services.length) root.append(el("p", { class: "dim" }, "No services registered."));
   for (const svc of body.services) {
-    root.append(el("h2", { "data-service": svc.name }, svc.name + " ",
+    const vip = svc.vip ? el("code", { "data-vip": svc.vip.address }, " " + svc.vip.address + " (" + svc.vip.path + ") ") : "";
+    root.append(el("h2", { "data-service": svc.name }, svc.name + " ", vip,
       el("span", { class: "dim" }, svc.ready + " of " + svc.endpoints.length + " ready")));
     if (svc.controller) root.append(managed(svc.name, svc.controller));
     const tbody = el("tbody");

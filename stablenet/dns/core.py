@@ -142,9 +142,14 @@ class Resolver:
     def allow(self) -> tuple[Network, ...]:
         return self._allow
 
-    def set_stable(self, stable: Mapping[str, tuple[str, ...]]) -> None:
-        """Services reached through the proxy: answered with these addresses from now on."""
-        self.settings = replace(self.settings, stable=MappingProxyType(dict(stable)))
+    def set_stable(
+        self, stable: Mapping[str, tuple[str, ...]], lasting: frozenset[str] = frozenset()
+    ) -> None:
+        """Services reached through the proxy: answered with these addresses from now on
+        (with a long TTL for those in ``lasting``, whose addresses never move)."""
+        self.settings = replace(
+            self.settings, stable=MappingProxyType(dict(stable)), lasting=lasting
+        )
         self._invalidate()
 
     def _invalidate(self) -> None:

@@ -237,9 +237,12 @@ class DnsServer(Server):
 
     # -- runtime changes ----------------------------------------------------------------------
 
-    def set_stable_addresses(self, stable: Mapping[str, tuple[str, ...]]) -> None:
-        """Services reached through the proxy: answer their names with these addresses."""
-        self.resolver.set_stable(stable)
+    def set_stable_addresses(
+        self, stable: Mapping[str, tuple[str, ...]], lasting: frozenset[str] = frozenset()
+    ) -> None:
+        """Services reached through the proxy or a virtual address: answer their names with
+        these addresses (a long TTL for the services in ``lasting``)."""
+        self.resolver.set_stable(stable, lasting)
 
     async def _follow_networks(self) -> None:
         """Re-list the engine's networks (for allow = "docker") whenever the registry changes,

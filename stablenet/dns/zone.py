@@ -5,7 +5,8 @@ never changes; nothing here does I/O.
 
 Names (relative to the zone):
   <service>                 A/AAAA: the service's stable address when it has one (the proxy's
-                            virtual address), else its READY endpoints (never draining/unhealthy)
+                            virtual address, or its own virtual address from vips, answered
+                            with a long TTL), else its READY endpoints (never draining/unhealthy)
   <container-name>          A/AAAA of that container (a service of the same name wins)
   _<port>._tcp.<service>    SRV for the READY endpoints, port number as the port name, e.g.
                             _8080._tcp.web; target <container-name>.<zone>, its A/AAAA added
@@ -40,6 +41,7 @@ from stablenet.model import Endpoint
 from stablenet.registry import Snapshot
 
 NS_TTL = 3600  # the apex records never change while the daemon runs
+LASTING_TTL = 600  # a service's virtual address (vips): it never moves
 _GLUE = -1  # pseudo-type under which an SRV node keeps its targets' addresses
 _ANY_ORDER = (
     wire.Type.A,
@@ -60,6 +62,7 @@ class ZoneSettings:
     # instead of its endpoints. The proxy fills this in; empty means every service is answered
     # with its ready endpoints.
     stable: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    lasting: frozenset[str] = frozenset()  # services whose stable addresses never move
     own_addresses: tuple[str, ...] = ()  # the apex's A/AAAA: where this server listens
 
     @property
@@ -118,9 +121,10 @@ class ZoneIndex:
             stable = settings.stable.get(service)
             ready = snap.ready.get(service, ())
             if stable is not None:
-                _add_addresses(node, owner, stable, ttl)
+                long = LASTING_TTL if service in settings.lasting else ttl
+                _add_addresses(node, owner, stable, long)
                 for address in stable:
-                    _add_ptr(ptr, address, owner, ttl)
+                    _add_ptr(ptr, address, owner, long)
             else:
                 direct = [ep for ep in ready if _direct(ep)]
                 _add_addresses(node, owner, _endpoint_addresses(direct), ttl)

@@ -35,3 +35,27 @@ def engine_networks(
             if is_default and gateway is None and ":" not in subnet:
                 gateway = str(config.get("Gateway") or gateway_of(subnet))
     return EngineNetworks(tuple(subnets), gateway)
+
+
+def network_subnets(
+    client_factory: Callable[[], docker.APIClient] = default_client,
+) -> list[tuple[str, str]]:
+    """(network name, subnet) of every engine network, plus the engine's default address pools
+    as ("default-address-pools", base) when it reports them: what a virtual address range must
+    stay clear of."""
+    client = client_factory()
+    try:
+        listed: list[dict[str, Any]] = client.networks()
+        info: dict[str, Any] = client.info()
+    finally:
+        client.close()
+    out = [
+        (str(net.get("Name")), str(config["Subnet"]))
+        for net in listed
+        for config in (net.get("IPAM") or {}).get("Config") or []
+        if config.get("Subnet")
+    ]
+    for pool in info.get("DefaultAddressPools") or []:
+        if pool.get("Base"):
+            out.append(("default-address-pools", str(pool["Base"])))
+    return out

@@ -14,6 +14,7 @@ from typing import Any
 from stablenet.config import DockerConfig, HealthConfig
 from stablenet.model import Endpoint, HealthSpec
 from stablenet.units import parse_duration, parse_hostport, parse_port
+from stablenet.vips.labels import label_problem
 
 LABEL = "stablenet."
 COMPOSE_SERVICE = "com.docker.compose.service"
@@ -44,6 +45,8 @@ KNOWN_LABELS = frozenset(
         "scale.window",
         "scale.down_window",
         "scale.idle",
+        "vip.mode",
+        "vip.ports",
     )
 )
 _SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
@@ -150,6 +153,10 @@ def endpoint_from_inspect(inspect: Mapping[str, Any], settings: Settings) -> End
                 raise bad(LABEL + "proxy.listen", f"{entry!r}: {exc}") from None
         listeners = tuple(entries)
 
+    vip_problem = label_problem(labels)
+    if vip_problem is not None:
+        raise bad(*vip_problem)
+
     check = _health_spec(labels, settings.health, bad)
     if check is not None and port is None:
         raise LabelError(
@@ -183,6 +190,7 @@ def endpoint_from_inspect(inspect: Mapping[str, Any], settings: Settings) -> End
         stop_timeout=_stop_timeout(config.get("StopTimeout")),
         listeners=listeners,
         host_port=_published_port(inspect, port),
+        exposed=tuple(sorted(str(spec) for spec in config.get("ExposedPorts") or {})),
     )
 
 

@@ -86,6 +86,7 @@ class Proxy(Server):
         self._dynamic: dict[DynamicKey, asyncio.Server] = {}
         self._dynamic_seen: dict[DynamicKey, float] = {}
         self._wanted: set[DynamicKey] = set()  # what the labels declare, as of the last refresh
+        self._vip_listeners: frozenset[DynamicKey] = frozenset()  # per-service virtual addresses
         self._stable: dict[str, tuple[str, ...]] | None = None
         self._fronted: tuple[str, ...] = ()  # services fronted as of the last refresh
         self.on_stable = on_stable
@@ -185,6 +186,9 @@ class Proxy(Server):
                 key = (service, kind, host, port)
                 wanted.add(key)
                 self._dynamic_seen[key] = now
+        for key in self._vip_listeners:
+            wanted.add(key)
+            self._dynamic_seen[key] = now
         for key, seen in list(self._dynamic_seen.items()):
             if key not in wanted:
                 if now - seen < REMEMBER:
@@ -220,6 +224,14 @@ class Proxy(Server):
                 out[service] = [main]
         return {service: tuple(hosts) for service, hosts in out.items()}
 
+    def set_vip_listeners(self, keys: set[DynamicKey]) -> None:
+        """Listeners on the virtual addresses of services served by the proxy (vips' proxy
+        data path): opened like label-declared ones, and answered in DNS the same way."""
+        self._vip_listeners = frozenset(keys)
+        if not self.dispatcher.closing:
+            wanted = self.refresh(self.registry.snapshot)
+            self.spawn(self._sync_dynamic(wanted), name="proxy-listeners")
+
     async def _sync_dynamic(self, wanted: set[DynamicKey]) -> None:
         async with self._dynamic_lock:
             if self.dispatcher.closing:
@@ -230,7 +242,11 @@ class Proxy(Server):
                 clash = (host, port) in static or any(
                     (h, p) == (host, port) for _, _, h, p in self._dynamic
                 )
-                where = f"label stablenet.proxy.listen of service {service}"
+                where = (
+                    f"virtual address of service {service}"
+                    if key in self._vip_listeners
+                    else f"label stablenet.proxy.listen of service {service}"
+                )
                 if clash:
                     logger.error(
                         "%s: %s:%d is already in use by another listener", where, host, port
