@@ -8,8 +8,10 @@ import contextlib
 import logging
 import resource
 import signal
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any
+
+from prometheus_client.core import Metric
 
 from stablenet import __version__, native
 from stablenet.admin import AdminServer
@@ -122,7 +124,7 @@ class Daemon:
             dns=self.dns,
             proxy=self.proxy,
             controller=self.controller,
-            extra=(self.vips.metrics,) if self.vips is not None else (),
+            extra=(self._part_metrics,),
         )
         self.admin = AdminServer(
             self.registry,
@@ -141,6 +143,13 @@ class Daemon:
         if self.cluster is not None:
             self.admin.status["cluster"] = self.cluster.status
         self.stopping = asyncio.Event()
+
+    def _part_metrics(self) -> Iterable[Metric]:
+        """Metrics of the parts that are on (virtual addresses, the cluster layer)."""
+        if self.vips is not None:
+            yield from self.vips.metrics()
+        if self.cluster is not None:
+            yield from self.cluster.metrics()
 
     def _requests(self, service: str) -> int:
         """A service's proxied requests so far (the autoscaler's sign of life)."""

@@ -89,7 +89,6 @@ class Endpoint:
         """The host the container runs on; "" for this host."""
         return "" if self.origin is None else self.origin.host
 
-
     @property
     def state(self) -> State:
         return self._status()[0]

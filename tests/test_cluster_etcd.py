@@ -105,6 +105,15 @@ async def test_hosts_share_endpoints_and_skydns_records(etcd: EtcdCluster) -> No
         await until(b.registry, lambda s: "web-a1" not in s.by_name, 5)
         await eventually(lambda: a.cluster.writes == writes + 1, 2)
         assert b.remote() == ["web-a2@a"]
+        # What /metrics shows of it.
+        families = {m.name: m for m in b.cluster.metrics()}
+        assert families["stablenet_cluster_etcd_connected"].samples[0].value == 1
+        assert families["stablenet_cluster_remote_endpoints"].samples[0].value == 1
+        assert families["stablenet_cluster_hosts"].samples[0].value == 1
+        assert families["stablenet_cluster_watch_events"].samples[0].value > 0
+        assert {m.name: m for m in a.cluster.metrics()}["stablenet_cluster_writes"].samples[
+            0
+        ].value == float(a.cluster.writes)
 
 
 async def test_a_dead_host_is_gone_everywhere_within_ttl_plus_one(etcd: EtcdCluster) -> None:

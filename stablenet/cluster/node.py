@@ -17,8 +17,10 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from stablenet.cluster.etcd import (
     Compacted,
@@ -160,6 +162,30 @@ class Cluster:
             "hosts": sorted(h for h in self.view.hosts if h not in self._dropped),
             "dropped": sorted(self._dropped),
         }
+
+    def metrics(self) -> Iterable[Metric]:
+        """Prometheus families for the cluster layer (read at scrape time)."""
+        yield GaugeMetricFamily(
+            "stablenet_cluster_etcd_connected",
+            "1 while etcd answers this host.",
+            value=1 if self.link.connected else 0,
+        )
+        for name, doc, value in (
+            ("stablenet_cluster_etcd_requests", "Requests sent to etcd.", self.requests),
+            ("stablenet_cluster_writes", "Transactions written to etcd.", self.writes),
+            ("stablenet_cluster_full_reads", "Full reads of the prefix.", self.full_reads),
+            ("stablenet_cluster_watch_events", "Watch events received.", self.events_seen),
+            ("stablenet_cluster_leases", "Leases granted to this host.", self.leases_granted),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
+        hosts = [h for h in self.view.hosts if h not in self._dropped]
+        yield GaugeMetricFamily(
+            "stablenet_cluster_hosts", "Other hosts whose endpoints are merged.", value=len(hosts)
+        )
+        remote = sum(1 for ep in self.registry.snapshot.endpoints.values() if ep.origin)
+        yield GaugeMetricFamily(
+            "stablenet_cluster_remote_endpoints", "Endpoints from other hosts.", value=remote
+        )
 
     # -- lease --------------------------------------------------------------------------------
 
