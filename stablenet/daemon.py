@@ -27,6 +27,7 @@ from stablenet.metrics import Collector, exposition
 from stablenet.proxy import Proxy
 from stablenet.proxy.server import DRAIN_GRACE, no_stable
 from stablenet.registry import Registry
+from stablenet.traffic import History, Sampler, read_figures
 
 logger = logging.getLogger(__name__)
 NR_OPEN = "/proc/sys/fs/nr_open"  # the kernel's ceiling for an unlimited RLIMIT_NOFILE
@@ -119,7 +120,18 @@ class Daemon:
         )
         if self.cluster is not None:
             self.admin.status["cluster"] = self.cluster.status
+        self.traffic = Sampler(
+            History(config.admin.history),
+            lambda: read_figures(self.registry, self.proxy, self._desired),
+        )
+        self.admin.serve_traffic(self.traffic.history)
         self.stopping = asyncio.Event()
+
+    def _desired(self) -> dict[str, int | None]:
+        """Managed services' desired replicas, for the traffic charts."""
+        if self.controller is None:
+            return {}
+        return {name: status.desired for name, status in self.controller.status.items()}
 
     def listeners(self) -> list[contextlib.AbstractAsyncContextManager[Any]]:
         """Servers in start order; they close in reverse (admin first, so it closes last)."""
@@ -136,6 +148,7 @@ class Daemon:
             "docker-source": self.source.run,
             "health": self.health.run,
             "events": self.events.run,
+            "traffic": self.traffic.run,
         }
         if self.controller is not None:
             loops["controller"] = self.controller.run
