@@ -94,6 +94,13 @@ async def test_status_page_sends_token(containers: Containers) -> None:
             await page.reload()
             await page.wait_for_selector("#sync.synced", timeout=15_000)
             await browser.close()
+        async with aiohttp.ClientSession() as http:
+            for path in ("/v1/traffic", "/v1/services/any/traffic"):
+                async with http.get(daemon.admin + path) as resp:
+                    assert resp.status == 401
+            bearer = {"Authorization": "Bearer pagesecret"}
+            async with http.get(daemon.admin + "/v1/traffic", headers=bearer) as resp:
+                assert resp.status == 200 and "tick" in await resp.json()
     finally:
         await stop_daemon(daemon)
 

@@ -1,5 +1,6 @@
 """Traffic history: rates from cumulative counters, p99 from histogram deltas, bounded rings,
-forgotten services. Pure: readings and times are given, no sockets, no sleeps."""
+forgotten services. Pure: readings and times are given, no sockets, no sleeps; the reading of
+a proxy's figures on a proxy object that never listened."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import math
 
 import pytest
 
+from stablenet import config
 from stablenet.histogram import Histogram
-from stablenet.traffic import FIELDS, History, Reading, quantile
+from stablenet.proxy import Proxy
+from stablenet.traffic import FIELDS, History, Reading, quantile, read_figures
+from tests.test_dns_core import web_registry
 
 BOUNDS = (0.01, 0.1, 1.0)
 
@@ -136,3 +140,38 @@ def test_memory_is_bounded_by_the_span_not_by_the_run() -> None:
         history.record(float(second), names)
     assert len(history.series) <= 10 * (60 // 10 + 2)
     assert all(len(s.ticks) <= 60 for s in history.series.values())
+
+
+async def test_figures_are_read_from_the_proxy_without_creating_its_counters() -> None:
+    reg = web_registry()  # web: two ready, one draining, one unhealthy; db: one ready
+    proxy = Proxy(reg, config.parse("", env={}).proxy)
+    served = proxy.dispatcher  # as serving requests leaves it
+    served.count("web").requests = 7
+    served.responses[("web", "web-1", "5xx")] = 2
+    served.responses[("web", "web-2", "5xx")] = 1
+    served.responses[("web", "web-1", "2xx")] = 4
+    served.latency["web"] = Histogram()
+    served.latency["web"].observe(0.003)
+    served.balancer.inflight.update({"c1": 3, "c3": 1})  # draining ones still serve
+    served.tcp_waiting["web"] = 2
+    readings = read_figures(reg, proxy, lambda: {"db": 2, "scaled-to-zero": 0})
+    assert readings["web"] == Reading(
+        requests=7,
+        errors=3,
+        latency=tuple(served.latency["web"].counts),
+        in_flight=4,
+        held=2,
+        ready=len(reg.snapshot.ready["web"]),
+        desired=None,
+    )
+    assert readings["db"] == Reading(requests=0, errors=0, ready=1, desired=2)
+    assert readings["scaled-to-zero"] == Reading(requests=0, errors=0, ready=0, desired=0)
+    assert set(served.counters) == {"web"}  # read, never created
+
+
+async def test_without_per_request_metrics_errors_are_the_proxys_own_5xx() -> None:
+    reg = web_registry()
+    proxy = Proxy(reg, config.parse("", env={}).proxy, metrics=False)
+    proxy.dispatcher.count("web").errors = 5
+    assert read_figures(reg, proxy)["web"].errors == 5
+    assert read_figures(reg, None)["web"] == Reading(ready=len(reg.snapshot.ready["web"]))
