@@ -6,6 +6,7 @@ without asking first."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -145,8 +146,15 @@ class AdminServer(Server):
                     content_type="application/json",
                 ) from None
 
-        async def everything(request: web.Request) -> web.Response:
-            return web.json_response(history.as_json(since(request)))
+        async def everything(request: web.Request) -> web.StreamResponse:
+            pieces = history.chunks(since(request))
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            await response.prepare(request)
+            for piece in pieces:  # a long history of many services must not hold the loop
+                await response.write(piece.encode())
+                await asyncio.sleep(0)
+            await response.write_eof()
+            return response
 
         async def one(request: web.Request) -> web.Response:
             name = request.match_info["name"].lower()

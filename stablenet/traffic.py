@@ -11,11 +11,12 @@ already keep. Nothing here runs on the request path or writes to what it reads."
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
 from array import array
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +34,12 @@ INTERVAL = 1.0  # seconds between samples
 # the requests that ended in the interval, requests in flight at endpoints, requests held
 # waiting for a ready endpoint, ready replicas, desired replicas (managed services only).
 FIELDS = ("requests", "errors", "p99", "in_flight", "held", "ready", "desired")
+# Rates and latency are floats (NaN: unknown), rounded when recorded; gauges are whole numbers
+# (NONE: unknown). A sample costs 48 bytes with its tick.
+TYPECODES = ("d", "d", "d", "i", "i", "i", "i")
+DIGITS = (3, 3, 6)
 NAN = math.nan
+NONE = -1
 
 Desired = Callable[[], Mapping[str, int | None]]
 
@@ -86,21 +92,20 @@ def _bucket_deltas(now: tuple[int, ...], before: tuple[int, ...]) -> tuple[int, 
 
 class Series:
     """One service's samples: a ring of at most ``capacity`` ticks, one compact array per
-    field (float32: a sample costs 36 bytes). It grows as samples come, so a short-lived
-    service costs only what it recorded."""
+    field. It grows as samples come, so a short-lived service costs only what it recorded."""
 
     __slots__ = ("capacity", "columns", "last", "last_at", "last_tick", "next", "ticks")
 
     def __init__(self, capacity: int, reading: Reading, at: float, tick: int) -> None:
         self.capacity = capacity
         self.ticks = array("q")
-        self.columns = tuple(array("f") for _ in FIELDS)
+        self.columns: tuple[array[Any], ...] = tuple(array(code) for code in TYPECODES)
         self.next = 0  # where the next sample goes once the ring is full
         self.last = reading  # the reading the next rates are measured from
         self.last_at = at
         self.last_tick = tick
 
-    def append(self, tick: int, values: tuple[float, ...]) -> None:
+    def append(self, tick: int, values: tuple[float | int, ...]) -> None:
         if len(self.ticks) < self.capacity:
             self.ticks.append(tick)
             for column, value in zip(self.columns, values, strict=True):
@@ -112,18 +117,39 @@ class Series:
             column[i] = value
         self.next = (i + 1) % self.capacity
 
-    def order(self) -> list[int]:
-        """Indexes of the samples, oldest first."""
-        size = len(self.ticks)
+    def span(self, after: int, upto: int) -> tuple[int, int]:
+        """Where the samples of the ticks in (after, upto] are, counting from the oldest:
+        walked from the newest, so asking for the last second or two costs a step or two."""
+        ticks, size = self.ticks, len(self.ticks)
         start = self.next if size == self.capacity else 0
-        return [(start + k) % size for k in range(size)]
+        hi = size
+        while hi > 0 and ticks[(start + hi - 1) % size] > upto:
+            hi -= 1
+        lo = hi
+        while lo > 0 and ticks[(start + lo - 1) % size] > after:
+            lo -= 1
+        return lo, hi
+
+    def window(self, column: array[Any], lo: int, hi: int) -> array[Any]:
+        """A column's (or ``ticks``') samples ``lo`` to ``hi``, counting from the oldest."""
+        size = len(column)
+        start = self.next if size == self.capacity else 0
+        a, b = start + lo, start + hi
+        if b <= size:
+            return column[a:b]
+        if a >= size:
+            return column[a - size : b - size]
+        return column[a:] + column[: b - size]
 
 
-def _number(value: float, digits: int) -> float | None:
-    return None if math.isnan(value) else round(value, digits)
-
-
-DIGITS = {"requests": 3, "errors": 3, "p99": 6}  # gauges are whole numbers
+def _json(column: array[Any]) -> list[Any]:
+    """A column's values for JSON: unknown ones (NaN, NONE) as null."""
+    values = column.tolist()
+    if column.typecode == "d":
+        return [v if v == v else None for v in values]
+    if NONE in column:
+        return [None if v == NONE else v for v in values]
+    return values
 
 
 class History:
@@ -151,7 +177,7 @@ class History:
         sample. Services absent for longer than the history are forgotten."""
         self.tick += 1
         tick = self.tick
-        self._times[tick % self.capacity] = now
+        self._times[tick % self.capacity] = round(now, 3)
         for name, reading in readings.items():
             series = self.series.get(name)
             if series is None:
@@ -163,37 +189,54 @@ class History:
         for name in [n for n, s in self.series.items() if s.last_tick <= oldest]:
             del self.series[name]
 
-    def _sample(self, before: Reading, now: Reading, elapsed: float) -> tuple[float, ...]:
+    def _sample(self, before: Reading, now: Reading, elapsed: float) -> tuple[float | int, ...]:
         if elapsed <= 0:  # the wall clock stepped back: assume one interval passed
             elapsed = self.interval
         p99 = NAN
-        if now.latency:
+        if now.latency and now.latency != before.latency:
             p99 = quantile(0.99, _bucket_deltas(now.latency, before.latency), self.bounds)
         return (
-            _delta(now.requests, before.requests) / elapsed,
-            _delta(now.errors, before.errors) / elapsed,
-            p99,
-            float(now.in_flight),
-            float(now.held),
-            float(now.ready),
-            NAN if now.desired is None else float(now.desired),
+            round(_delta(now.requests, before.requests) / elapsed, DIGITS[0]),
+            round(_delta(now.errors, before.errors) / elapsed, DIGITS[1]),
+            round(p99, DIGITS[2]),
+            now.in_flight,
+            now.held,
+            now.ready,
+            NONE if now.desired is None else now.desired,
         )
 
-    def samples(self, name: str, since: int = 0) -> dict[str, Any] | None:
-        """A service's samples after tick ``since`` within the history, as JSON: ``t`` (the
-        sample's time) and one list per field, oldest first; ``None`` for an unknown service."""
+    def samples(self, name: str, since: int = 0, upto: int | None = None) -> dict[str, Any] | None:
+        """A service's samples of the ticks after ``since`` up to ``upto`` (the newest) within
+        the history, as JSON: ``t`` (the sample's time) and one list per field, oldest first;
+        ``None`` for an unknown service."""
         series = self.series.get(name)
         if series is None:
             return None
-        first = max(since, self.tick - self.capacity)
-        picked = [i for i in series.order() if series.ticks[i] > first]
+        lo, hi = series.span(
+            max(since, self.tick - self.capacity), self.tick if upto is None else upto
+        )
+        times, capacity = self._times, self.capacity
         body: dict[str, Any] = {
-            "t": [round(self._times[series.ticks[i] % self.capacity], 3) for i in picked]
+            "t": [times[t % capacity] for t in series.window(series.ticks, lo, hi)]
         }
         for field, column in zip(FIELDS, series.columns, strict=True):
-            digits = DIGITS.get(field, 0)
-            body[field] = [_number(column[i], digits) for i in picked]
+            body[field] = _json(series.window(column, lo, hi))
         return body
+
+    def chunks(self, since: int = 0) -> Iterator[str]:
+        """``as_json(since)`` as JSON text, one piece per service, for an answer written
+        piece by piece: the loop may record between pieces, and every piece stops at the
+        tick the answer names."""
+        upto = self.tick
+        yield json.dumps({"tick": upto, "interval": self.interval, "span": self.span})[:-1]
+        yield ', "services": {'
+        separator = ""
+        for name in sorted(self.series):
+            body = self.samples(name, since, upto)
+            if body is not None and body["t"]:
+                yield separator + json.dumps(name) + ": " + json.dumps(body)
+                separator = ", "
+        yield "}}"
 
     def as_json(self, since: int = 0) -> dict[str, Any]:
         """Every service's samples after tick ``since``; pass the returned ``tick`` next time

@@ -4,6 +4,7 @@ a proxy's figures on a proxy object that never listened."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -78,6 +79,21 @@ def test_since_returns_only_what_is_new() -> None:
     assert history.as_json(since=later["tick"])["services"] == {}
 
 
+def test_the_answer_in_pieces_is_the_answer_and_stops_at_its_tick() -> None:
+    history = History(span=10, bounds=BOUNDS)
+    for second in range(4):
+        history.record(float(second), {"a": Reading(requests=second), "b": Reading(desired=1)})
+    assert json.loads("".join(history.chunks(1))) == history.as_json(1)
+    pieces = history.chunks(0)
+    text = next(pieces) + next(pieces) + next(pieces)  # the head and service "a"
+    history.record(4.0, {"a": Reading(requests=9), "b": Reading(desired=2)})
+    text += "".join(pieces)
+    body = json.loads(text)
+    assert body["tick"] == 4 and body["services"]["b"]["t"] == [1.0, 2.0, 3.0]
+    assert body["services"]["b"]["desired"] == [1, 1, 1]
+    assert history.as_json(4)["services"]["b"]["desired"] == [2]
+
+
 def test_ring_keeps_the_last_span_in_order() -> None:
     history = History(span=5, bounds=BOUNDS)
     for second in range(20):
@@ -85,6 +101,11 @@ def test_ring_keeps_the_last_span_in_order() -> None:
     web = history.as_json()["services"]["web"]
     assert web["t"] == [15.0, 16.0, 17.0, 18.0, 19.0]
     assert web["requests"] == [29.0, 31.0, 33.0, 35.0, 37.0]  # s^2 - (s-1)^2
+    for since, expected in (
+        (history.tick - 2, [18.0, 19.0]),
+        (history.tick - 4, [16.0, 17.0, 18.0, 19.0]),
+    ):
+        assert history.as_json(since)["services"]["web"]["t"] == expected  # across the wrap
     series = history.series["web"]
     assert all(len(column) == 5 for column in series.columns) and len(series.ticks) == 5
 
