@@ -6,6 +6,7 @@ without asking first."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -22,6 +23,7 @@ from stablenet.lifecycle import Server
 from stablenet.model import Endpoint
 from stablenet.registry import Registry, Snapshot
 from stablenet.status import PAGE
+from stablenet.traffic import History
 from stablenet.units import parse_hostport
 
 logger = logging.getLogger(__name__)
@@ -145,6 +147,38 @@ class AdminServer(Server):
 
     def add_get(self, path: str, handler: Handler) -> None:
         self._app.router.add_get(path, handler)
+
+    def serve_traffic(self, history: History) -> None:
+        """GET /v1/traffic?since=TICK and /v1/services/{name}/traffic: per-second history."""
+
+        def since(request: web.Request) -> int:
+            try:
+                return max(0, int(request.query.get("since", "0")))
+            except ValueError:
+                raise web.HTTPBadRequest(
+                    text='{"error": "since: expected the tick of an earlier answer"}',
+                    content_type="application/json",
+                ) from None
+
+        async def everything(request: web.Request) -> web.StreamResponse:
+            pieces = history.chunks(since(request))
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            await response.prepare(request)
+            for piece in pieces:  # a long history of many services must not hold the loop
+                await response.write(piece.encode())
+                await asyncio.sleep(0)
+            await response.write_eof()
+            return response
+
+        async def one(request: web.Request) -> web.Response:
+            name = request.match_info["name"].lower()
+            body = history.samples(name, since(request))
+            if body is None:
+                return web.json_response({"error": f"no traffic for {name!r}"}, status=404)
+            return web.json_response({"service": name, "tick": history.tick, **body})
+
+        self.add_get("/v1/traffic", everything)
+        self.add_get("/v1/services/{name}/traffic", one)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -101,6 +101,14 @@ def _positive_number(value: Any) -> float:
     return number
 
 
+def _history(value: Any) -> float:
+    """Traffic history: whole seconds (one sample a second per service), up to an hour."""
+    seconds = parse_duration(value)
+    if not 1 <= seconds <= 3600:
+        raise ValueError("expected a duration from 1s to 1h such as 10m")
+    return seconds
+
+
 def _choice(*choices: str) -> Parser:
     def parse(value: Any) -> str:
         if value not in choices:
@@ -237,6 +245,7 @@ class AdminConfig:
     listen: str = _opt("127.0.0.1:9180", _hostport_text)
     token: str = _opt("", _str)
     metrics: bool = _opt(True, _bool)
+    history: float = _opt(600.0, _history)  # per-second traffic kept for the status page
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ from stablenet.metrics import Collector, exposition
 from stablenet.proxy import Proxy
 from stablenet.proxy.server import DRAIN_GRACE, no_stable
 from stablenet.registry import Registry
+from stablenet.traffic import History, Sampler, read_figures
 from stablenet.vips import VipManager, remove_table
 
 logger = logging.getLogger(__name__)
@@ -142,6 +143,11 @@ class Daemon:
         )
         if self.cluster is not None:
             self.admin.status["cluster"] = self.cluster.status
+        self.traffic = Sampler(
+            History(config.admin.history),
+            lambda: read_figures(self.registry, self.proxy, self._desired),
+        )
+        self.admin.serve_traffic(self.traffic.history)
         self.stopping = asyncio.Event()
 
     def _part_metrics(self) -> Iterable[Metric]:
@@ -154,6 +160,12 @@ class Daemon:
     def _requests(self, service: str) -> int:
         """A service's proxied requests so far (the autoscaler's sign of life)."""
         return self.proxy.count(service).requests if self.proxy is not None else 0
+
+    def _desired(self) -> dict[str, int | None]:
+        """Managed services' desired replicas, for the traffic charts."""
+        if self.controller is None:
+            return {}
+        return {name: status.desired for name, status in self.controller.status.items()}
 
     def listeners(self) -> list[contextlib.AbstractAsyncContextManager[Any]]:
         """Servers in start order; they close in reverse (admin first, so it closes last)."""
@@ -191,6 +203,7 @@ class Daemon:
             "docker-source": self.source.run,
             "health": self.health.run,
             "events": self.events.run,
+            "traffic": self.traffic.run,
         }
         if self.controller is not None:
             loops["controller"] = self.controller.run

@@ -139,3 +139,11 @@ def test_hostports() -> None:
     assert parse_hostport(":80") == ("0.0.0.0", 80)
     with pytest.raises(ValueError, match="not an IP address"):
         parse_hostport("localhost:80")
+
+
+def test_admin_history_reads_a_duration_within_an_hour() -> None:
+    assert config.parse("", env={}).admin.history == 600.0
+    assert config.parse("", env={"STABLENET_ADMIN_HISTORY": "2m"}).admin.history == 120.0
+    with pytest.raises(ConfigError) as info:
+        config.parse('[admin]\nhistory = "2h"\n', env={})
+    assert "admin.history: '2h'" in str(info.value) and "from 1s to 1h" in str(info.value)

@@ -37,7 +37,8 @@ async def test_disabled_parts_are_not_built() -> None:
     daemon = Daemon(cfg)
     assert daemon.dns is None and daemon.proxy is None and daemon.controller is None
     assert [type(x).__name__ for x in daemon.listeners()] == ["AdminServer"]
-    assert set(daemon.loops()) == {"docker-source", "health", "events"}
+    # Traffic history keeps ready replicas without the proxy; its request figures stay empty.
+    assert set(daemon.loops()) == {"docker-source", "health", "events", "traffic"}
     enabled = Daemon(config.parse("", env={}))
     assert "controller" in enabled.loops()
 
