@@ -52,7 +52,10 @@ def test_bounds_and_the_step_limit_up() -> None:
     scaler = Scaler(ScaleSpec(1, 100, 1, 60, 300, 300), 0.0, 1)
     now = feed(scaler, 0.0, 61, 100)
     assert scaler.recommend(now, current=1, ready=1).desired == 5  # +max(4, 3 x 1)
-    assert scaler.recommend(now, current=5, ready=5).desired == 20  # x4
+    # Within the same 15 s period the step is still measured from its start (1).
+    assert scaler.recommend(now + 1, current=5, ready=5).desired == 5
+    now = feed(scaler, now + 1, 15, 100)
+    assert scaler.recommend(now, current=5, ready=5).desired == 20  # a new period: x4
     quiet = Scaler(ScaleSpec(3, 6, 10, 60, 300, 300), 0.0, 3)
     now = feed(quiet, 0.0, 400, 0)
     assert quiet.recommend(now, current=3, ready=3).desired == 3  # min
@@ -132,7 +135,20 @@ def test_labels() -> None:
     assert scale_spec(short, "web", defaults) == ScaleSpec(1, 3, 10, 6, 300, 9)
     with pytest.raises(LabelError, match=r"stablenet.replicas.max='0'.*at least 1"):
         scale_spec({"stablenet.replicas.max": "0"}, "web", defaults)
-    with pytest.raises(LabelError, match=r"stablenet.scale.target='none'.*above 0"):
+    with pytest.raises(LabelError, match=r"stablenet.scale.target='none'.*0.01 to 100000"):
         scale_spec({"stablenet.scale.target": "none"}, "web", defaults)
+    with pytest.raises(LabelError, match=r"stablenet.scale.target='1e-320'"):
+        scale_spec({"stablenet.scale.target": "1e-320"}, "web", defaults)
+    with pytest.raises(LabelError, match=r"stablenet.scale.window='99999h'.*at most 1h"):
+        scale_spec(
+            {"stablenet.replicas.min": "1", "stablenet.scale.window": "99999h"}, "w", defaults
+        )
     with pytest.raises(LabelError, match=r"stablenet.scale.window='soon'"):
         scale_spec({"stablenet.replicas.min": "1", "stablenet.scale.window": "soon"}, "w", defaults)
+
+
+def test_a_fresh_scaler_of_a_service_at_zero_stays_at_zero() -> None:
+    """stablenet restarted while the service was scaled to zero: nothing wakes it but a request."""
+    scaler = Scaler(ScaleSpec(0, 5, 10, 10, 30, 20), 0.0, 0)
+    now = feed(scaler, 0.0, 3, 0)
+    assert scaler.recommend(now, current=0, ready=0).desired == 0

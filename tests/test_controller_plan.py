@@ -243,3 +243,24 @@ def test_one_holder_of_the_lock_at_a_time(tmp_path: Path) -> None:
     first.unlock()
     assert second.lock()
     second.unlock()
+
+
+def test_surplus_removes_stablenet_replicas_first_and_never_an_operators_unstarted_one() -> None:
+    """docker compose up recreating a container: the new one, created but not yet started,
+    is the operator's work in progress: not counted, never removed."""
+    replicas = (
+        rep("compose", created=NOW - 900),
+        rep("ours-old", created=NOW - 800, ours=True),
+        rep("new", created=NOW - 1, status="created", ready=False),
+    )
+    assert decide(view(*replicas, desired=2), NOW, 10) == []
+    more = (*replicas, rep("ours-new", created=NOW - 100, ours=True))
+    assert decide(view(*more, desired=2), NOW, 10) == [
+        Shrink("ours-new", "3 replicas for a count of 2")
+    ]
+
+
+def test_heals_wait_for_the_operation_in_flight_even_when_few_are_ready() -> None:
+    sick = [rep(c, ready=False, unhealthy_since=NOW - 60) for c in "abcd"]
+    assert decide(view(*sick, desired=4), NOW, 10) == [Heal("a", "replace", "unhealthy for 60s")]
+    assert decide(view(*sick, desired=4, in_flight=1), NOW, 10) == []

@@ -38,6 +38,9 @@ TOLERANCE = 0.1
 PANIC_FACTOR = 2.0
 DOWN_PERIOD = 15.0  # at most one step down per this many seconds
 SAMPLE = 0.1  # seconds between concurrency samples
+UP_PERIOD = 15.0  # a step up adds at most max(4, 3x) to the count at the period's start
+MIN_TARGET = 0.01
+MAX_WINDOW = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +85,8 @@ def scale_spec(labels: Mapping[str, str], name: str, defaults: ControllerConfig)
             value = parse_duration(labels[label])
         except ValueError as exc:
             raise bad(label, str(exc)) from None
-        if value <= 0:
-            raise bad(label, "expected a duration above zero")
+        if not 0 < value <= MAX_WINDOW:
+            raise bad(label, "expected a duration above zero, at most 1h")
         return value
 
     low = count(MIN, defaults.replicas_min)
@@ -96,8 +99,8 @@ def scale_spec(labels: Mapping[str, str], name: str, defaults: ControllerConfig)
             target = float(labels[TARGET])
         except ValueError:
             target = -1.0
-        if not 0 < target <= 100_000 or math.isnan(target):
-            raise bad(TARGET, "expected a number of requests in flight per replica above 0")
+        if not MIN_TARGET <= target <= 100_000:  # NaN fails too
+            raise bad(TARGET, "expected requests in flight per replica from 0.01 to 100000")
     window = duration(WINDOW, defaults.scale_window)
     down = duration(DOWN_WINDOW, defaults.scale_down_window)
     idle = duration(IDLE, defaults.scale_idle or down)
@@ -122,7 +125,11 @@ class Scaler:
         self.started = now
         self.seconds: collections.deque[tuple[float, float]] = collections.deque()
         self.history: collections.deque[tuple[float, int]] = collections.deque([(now, current)])
-        self.last_active = now  # a fresh scaler counts as active: no scale to zero at once
+        # A fresh scaler of a running service counts as active (no scale to zero at once); one
+        # of a service already at zero stays there until a request comes.
+        self.last_active = now if current else -math.inf
+        self.period_start = now
+        self.period_base = current
         self.panic_until = 0.0
         self.last_down = 0.0
         self._second = math.floor(now)
@@ -173,8 +180,11 @@ class Scaler:
         if idle and spec.min == 0 and not panicking:
             return self._keep(now, 0, stable, panic, f"no request for {spec.idle:g}s")
         want = min(max(want, spec.min), spec.max)
+        if now - self.period_start >= UP_PERIOD:
+            self.period_start, self.period_base = now, current
         if want > current:
-            want = min(want, current + max(4, 3 * current))
+            base = self.period_base
+            want = max(current, min(want, base + max(4, 3 * base)))
         self.history.append((now, want))
         while self.history and self.history[0][0] < now - spec.down_window:
             self.history.popleft()

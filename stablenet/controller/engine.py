@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import docker
 import docker.errors
 
-from stablenet.controller.spec import MANAGING
+from stablenet.controller.spec import is_managed
 from stablenet.controller.template import ReplicaPlan
 from stablenet.docker.source import close_quietly, read_events
 
@@ -34,13 +34,10 @@ class Engine:
         return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
 
     async def managed(self) -> list[Mapping[str, Any]]:
-        """Every container, running or not, that carries a controller label."""
-        seen: dict[str, Mapping[str, Any]] = {}
-        for label in MANAGING:
-            listed = await self.call(self.client.containers, all=True, filters={"label": label})
-            for item in listed:
-                seen[str(item["Id"])] = item
-        return list(seen.values())
+        """Every container, running or not, that carries a controller label (one listing,
+        filtered here: the engine's label filters cannot say "any of these")."""
+        listed = await self.call(self.client.containers, all=True)
+        return [item for item in listed if is_managed(item.get("Labels") or {})]
 
     async def inspect(self, cid: str) -> Mapping[str, Any] | None:
         try:

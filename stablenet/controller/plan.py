@@ -106,7 +106,9 @@ def counted(view: View) -> list[Replica]:
     return [
         r
         for r in view.replicas
-        if ((r.status in LIVE and r.failed is None) or r.held) and not r.parked
+        if ((r.status in LIVE and r.failed is None) or r.held)
+        and not r.parked
+        and not (r.status == "created" and not r.ours)  # the operator's, still being set up
     ]
 
 
@@ -134,7 +136,7 @@ def decide(view: View, now: float, grace: float) -> list[Action]:
     blocked = view.degraded is not None
     count = len(counted(view)) + view.creating
     for replica in idle:
-        if replica.failed is None or replica.held or blocked:
+        if replica.failed is None or replica.held or blocked or view.in_flight:
             continue
         if view.desired is not None and count >= view.desired and view.heal == "replace":
             return [Discard(replica.id, f"{replica.failed}; the count is met without it")]
@@ -147,6 +149,8 @@ def decide(view: View, now: float, grace: float) -> list[Action]:
         since = replica.unhealthy_since
         if since is None or replica.held or replica.status != "running" or blocked:
             continue
+        if view.in_flight:
+            continue  # heals go one at a time, even when few are ready
         if now - since < grace:
             continue
         if waiting or (view.heal == "replace" and view.refused is not None):
@@ -173,10 +177,15 @@ def decide(view: View, now: float, grace: float) -> list[Action]:
             return starts[:grow]
         return (starts + [Grow(template.id, reason)] * grow)[:grow]
     if count > view.desired and not view.in_flight:
-        victims = [r for r in idle if not r.held and r.status in LIVE]
+        victims = [
+            r
+            for r in idle
+            if not r.held and r.status in LIVE and (r.ours or r.status != "created")
+        ]
         if not victims:
             return []
-        victims.sort(key=lambda r: (r.ready, -r.created))
+        # stablenet's own replicas first, then not ready ones, then the newest.
+        victims.sort(key=lambda r: (not r.ours, r.ready, -r.created))
         victim = victims[0]
         reason = f"{count} replicas for a count of {view.desired}"
         if view.park:

@@ -66,6 +66,12 @@ def creates_containers(spec: Spec) -> bool:
 def unreplicable(inspect: Mapping[str, Any]) -> str | None:
     """Why a copy of this container could not run beside it, or None when it can."""
     host = inspect.get("HostConfig") or {}
+    mode = str(host.get("NetworkMode") or "")
+    if mode == "host" or mode.startswith("container:"):
+        return (
+            f"it uses network mode {mode!r}: replicas would share one network stack and fight "
+            "over its ports; put it on a bridge or user-defined network"
+        )
     for port, bindings in sorted((host.get("PortBindings") or {}).items()):
         for binding in bindings or ():
             fixed = str((binding or {}).get("HostPort") or "")
