@@ -23,6 +23,9 @@ import pytest
 from stablenet.admin import AdminServer
 from stablenet.config import ControllerConfig, HealthConfig
 from stablenet.controller import Controller
+from stablenet.controller.engine import Engine
+from stablenet.controller.loop import _member
+from stablenet.docker.source import default_client
 from stablenet.events import EventLog
 from stablenet.health.checker import HealthChecker
 from stablenet.model import State as EpState
@@ -184,6 +187,30 @@ async def test_a_process_killed_from_the_host_is_replaced_and_the_count_kept(
     assert stray.status == "exited"
     assert svc + "x" not in ctl.status
     assert harness.members(svc + "x") == [stray] or len(harness.members(svc + "x")) == 1
+
+
+async def test_a_failure_is_confirmed_from_inspect_while_the_listing_says_running(
+    harness: Harness,
+) -> None:
+    """Right after `die` the engine's listing can still say running; the failure is confirmed
+    from inspect in that pass, not left for a later one that no event would prompt."""
+    svc = harness.containers.name("stale")
+    box = harness.containers.run("stale", labels=labels(svc, **{"stablenet.replicas": "2"}))
+    ctl = Controller(harness.registry, replace(FAST, state_dir=str(harness.state_dir)))
+    engine = Engine(default_client())
+    try:
+        listed = [m for m in await engine.managed() if m["Id"] == box.id]
+        member = _member(listed[0])  # the listing as a pass read it, before the die
+        assert not isinstance(member, str) and member.status == "running"
+        os.kill(int(box.attrs["State"]["Pid"]), signal.SIGKILL)
+        box.wait(timeout=20)
+        ctl._failed[box.id] = "killed (SIGKILL from outside Docker)"
+        await ctl._confirm_failure(engine, member)
+    finally:
+        await engine.close()
+    assert box.id in ctl._confirmed
+    assert member.status == "exited"
+    assert ctl.state.service(svc).streak == 1
 
 
 async def test_an_unhealthy_replica_is_replaced_and_the_new_one_is_ready_first(

@@ -38,6 +38,7 @@ from stablenet.controller.plan import (
     backoff_delay,
     breaker_limit,
     decide,
+    next_attempt,
     ready_count,
 )
 from stablenet.controller.spec import (
@@ -388,15 +389,16 @@ class Controller:
 
     async def _confirm_failure(self, engine: Engine, member: _Member) -> None:
         """A container died on its own: a failure unless Docker's restart policy brings it
-        back (then it is Docker's to handle)."""
-        if member.status not in ("exited", "dead"):
-            return  # listed before it died (its next start event clears the failure)
+        back (then it is Docker's to handle). Its state comes from inspect, not the listing:
+        right after ``die`` the listing may still say running (the engine updates it once the
+        exit is handled; inspect waits for that), and no later event would prompt a look."""
         inspect = await engine.inspect(member.id)
         if inspect is None:
             return
         if _docker_restarts(inspect):
             self._failed.pop(member.id, None)
             return
+        member.status = str((inspect.get("State") or {}).get("Status") or "exited")
         why = self._failed[member.id]
         self._confirmed.add(member.id)
         logger.warning("controller: %s (service %s) %s", member.name, member.service, why)
@@ -505,10 +507,9 @@ class Controller:
         return cached
 
     def _next_try(self, svc: ServiceState, now: float) -> float:
-        if not svc.streak or now - svc.last_failure > self.config.backoff_reset:
-            return 0.0
-        return svc.last_failure + backoff_delay(
-            svc.streak, self.config.backoff, self.config.backoff_max
+        cfg = self.config
+        return next_attempt(
+            svc.streak, svc.last_failure, now, cfg.backoff, cfg.backoff_max, cfg.backoff_reset
         )
 
     def _count_failure(self, service: str, why: str) -> None:

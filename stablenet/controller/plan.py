@@ -177,6 +177,18 @@ def backoff_delay(streak: int, first: float, cap: float) -> float:
     return min(cap, first * float(2 ** (streak - 2)))
 
 
+def next_attempt(
+    streak: int, last_failure: float, now: float, first: float, cap: float, reset: float
+) -> float:
+    """When the next attempt may start (unix time; 0.0: at once). No wait after a first failure,
+    even one recorded later than ``now`` (in the same reconcile pass); a streak whose last
+    failure is older than ``reset`` is forgotten."""
+    delay = backoff_delay(streak, first, cap)
+    if not delay or now - last_failure > reset:
+        return 0.0
+    return last_failure + delay
+
+
 def breaker_limit(desired: int | None, breaker: int) -> int:
     """Failed replacements in a row that trip the breaker: max(breaker, half the count)."""
     return max(breaker, math.ceil((desired or 0) / 2))
