@@ -213,6 +213,38 @@ async def test_a_failure_is_confirmed_from_inspect_while_the_listing_says_runnin
     assert ctl.state.service(svc).streak == 1
 
 
+async def test_a_container_destroyed_while_a_pass_awaits_fills_no_slot(harness: Harness) -> None:
+    """A pass reads the listing, then awaits; a container destroyed meanwhile is still in that
+    listing, exited, its failure forgotten with the destroy: it must not count as one the
+    operator stopped, or it fills a slot and a healthy replica is removed as one too many."""
+    svc = harness.containers.name("gone")
+    began = time.time()
+    harness.containers.run("good", labels=labels(svc, **{"stablenet.replicas": "1"}))
+    broken = harness.containers.run(
+        "broken", labels=labels(svc, **{"stablenet.replicas": "1"}), command=CRASH
+    )
+    broken.wait(timeout=20)
+    ctl = Controller(
+        harness.registry, replace(FAST, state_dir=str(harness.state_dir)), log=harness.log
+    )
+    engine = Engine(default_client())
+    try:
+        members = [_member(item) for item in await engine.managed()]
+        group = [m for m in members if not isinstance(m, str) and m.service == svc]
+        assert sorted(m.status for m in group) == ["exited", "running"]
+        broken.remove(force=True)
+        for event in await engine.past_events(began - 1, time.time()):
+            ctl._classify(event)  # every event of both, the broken one's die and destroy too
+        await ctl._reconcile_service(engine, svc, group, harness.registry.snapshot, time.time())
+    finally:
+        for task in list(ctl._ops):
+            task.cancel()
+        await asyncio.gather(*ctl._ops, return_exceptions=True)
+        await engine.close()
+    assert not ctl.actions
+    assert ctl.status[svc].desired == 1 and ctl.status[svc].replicas == 1
+
+
 async def test_an_unhealthy_replica_is_replaced_and_the_new_one_is_ready_first(
     harness: Harness,
 ) -> None:

@@ -169,6 +169,7 @@ class Controller:
         self._confirmed: set[str] = set()  # failures counted (Docker will not restart them)
         self._exited: dict[str, int] = {}  # container id -> exit code of its last die
         self._unhealthy_since: dict[str, float] = {}
+        self._gone: set[str] = set()  # destroyed; a listing read before may still show them
         self._inspects: dict[str, Mapping[str, Any]] = {}
         self._in_flight: collections.Counter[str] = collections.Counter()
         self._creating: collections.Counter[str] = collections.Counter()
@@ -322,6 +323,7 @@ class Controller:
             else:
                 self._failed[cid] = _why_died(code, cid in self._oom)
         elif verb == "destroy":
+            self._gone.add(cid)
             operator = cid not in self._acting and (cid in svc.held or cid in self._operator_kill)
             if cid in svc.held:
                 svc.held.remove(cid)
@@ -347,6 +349,7 @@ class Controller:
 
     async def _reconcile(self, engine: Engine) -> None:
         listed = await engine.managed()
+        self._gone &= {str(item["Id"]) for item in listed}
         now = time.time()
         snap = self.registry.snapshot
         members: dict[str, _Member] = {}
@@ -408,6 +411,11 @@ class Controller:
     async def _reconcile_service(
         self, engine: Engine, service: str, group: list[_Member], snap: Snapshot, now: float
     ) -> None:
+        # A container destroyed while this pass awaited is not counted (as stopped by the
+        # operator, it would fill a slot: a failed replica discarded, or a good one removed).
+        group = [m for m in group if m.id not in self._gone]
+        if not group:
+            return
         svc = self.state.service(service)
         lead = max(group, key=lambda m: (m.labels.get(MANAGED) != "true", m.created))
         status = self.status.setdefault(service, ServiceStatus(service))
