@@ -122,6 +122,14 @@ def test_one_operation_at_a_time_unless_below_half() -> None:
     assert decide(view(rep("a"), rep("b"), rep("c"), desired=1, in_flight=1), NOW, 10) == []
 
 
+def test_a_new_replica_that_exited_before_its_operation_judged_it_still_counts() -> None:
+    # A replace is in flight and its new replica already exited; with nothing ready operations
+    # may run side by side, but not a second replica for the same slot.
+    old = rep("a", status="exited", ready=False, failed="exited with code 3", busy=True)
+    settling = rep("b", status="exited", ready=False, ours=True, busy=True)
+    assert decide(view(old, settling, desired=1, in_flight=1), NOW, 10) == []
+
+
 def test_a_replica_left_unstarted_is_started_not_duplicated() -> None:
     unstarted = rep("b", status="created", ready=False, ours=True, started=False)
     assert decide(view(rep("a"), unstarted), NOW, 10) == [Start("b", "created but never started")]

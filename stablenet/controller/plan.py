@@ -91,8 +91,11 @@ Action = Start | Heal | Grow | Shrink | Discard
 
 
 def counted(view: View) -> list[Replica]:
-    """The replicas that fill the count: live ones and those the operator stopped."""
-    return [r for r in view.replicas if (r.status in LIVE and r.failed is None) or r.held]
+    """The replicas that fill the count: live ones, those an operation is still acting on (a
+    new replica that exited before its operation judged it), and those the operator stopped."""
+    return [
+        r for r in view.replicas if (r.failed is None and (r.status in LIVE or r.busy)) or r.held
+    ]
 
 
 def ready_count(view: View) -> int:
