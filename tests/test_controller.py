@@ -24,7 +24,8 @@ from stablenet.admin import AdminServer
 from stablenet.config import ControllerConfig, HealthConfig
 from stablenet.controller import Controller
 from stablenet.controller.engine import Engine
-from stablenet.controller.loop import _member
+from stablenet.controller.loop import ServiceStatus, _member
+from stablenet.controller.plan import Grow
 from stablenet.docker.source import default_client
 from stablenet.events import EventLog
 from stablenet.health.checker import HealthChecker
@@ -243,6 +244,36 @@ async def test_a_container_destroyed_while_a_pass_awaits_fills_no_slot(harness: 
         await engine.close()
     assert not ctl.actions
     assert ctl.status[svc].desired == 1 and ctl.status[svc].replicas == 1
+
+
+async def test_a_new_replica_is_counted_from_the_moment_its_operation_starts(
+    harness: Harness,
+) -> None:
+    """While a grow reads its template (before it creates anything), the next pass must see the
+    slot taken, or it grows a second replica for it (a new service's first pass runs while its
+    template is still starting, when operations may run side by side)."""
+    svc = harness.containers.name("slot")
+    box = harness.containers.run("slot", labels=labels(svc, **{"stablenet.replicas": "2"}))
+    ctl = Controller(
+        harness.registry, replace(FAST, state_dir=str(harness.state_dir)), log=harness.log
+    )
+    engine = Engine(default_client())
+    ctl._engine = engine
+    ctl.status[svc] = ServiceStatus(svc)
+    try:
+        members = [_member(item) for item in await engine.managed()]
+        group = [m for m in members if not isinstance(m, str) and m.service == svc]
+        ctl._launch(svc, Grow(box.id, "1 of 2 replicas"), group)
+        await asyncio.sleep(0)  # the operation's first step; its inspect is still out
+        assert ctl._creating[svc] == 1
+        async with asyncio.timeout(30):
+            await asyncio.gather(*ctl._ops)
+        assert ctl._creating[svc] == 0
+        assert ctl.status[svc].last is not None and "ready" in ctl.status[svc].last.result
+    finally:
+        for task in list(ctl._ops):
+            task.cancel()
+        await engine.close()
 
 
 async def test_an_unhealthy_replica_is_replaced_and_the_new_one_is_ready_first(

@@ -608,13 +608,15 @@ class Controller:
 
     async def _grow(self, engine: Engine, service: str, template: str, replaced: str | None) -> str:
         """Create a replica from ``template``; once it is ready, retire ``replaced``."""
-        inspect = await engine.inspect(template)
-        if inspect is None:
-            raise DockerLost(f"template container {template[:12]} is gone")
-        plan = replica_plan(inspect, service)
-        began = time.monotonic()
-        self._creating[service] += 1  # counted before the engine lists it
+        # Counted from the operation's first step (no await before this), until the engine
+        # lists the new container: a pass in between must not create one more for the slot.
+        self._creating[service] += 1
         try:
+            inspect = await engine.inspect(template)
+            if inspect is None:
+                raise DockerLost(f"template container {template[:12]} is gone")
+            plan = replica_plan(inspect, service)
+            began = time.monotonic()
             cid, name = await self._create(engine, service, plan)
             self._acting[cid] = "create"
         finally:
