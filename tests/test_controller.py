@@ -269,7 +269,8 @@ async def test_a_new_replica_is_counted_from_the_moment_its_operation_starts(
         async with asyncio.timeout(30):
             await asyncio.gather(*ctl._ops)
         assert ctl._creating[svc] == 0
-        assert ctl.status[svc].last is not None and "ready" in ctl.status[svc].last.result
+        last = ctl.status[svc].last
+        assert last is not None and "ready" in last.result
     finally:
         for task in list(ctl._ops):
             task.cancel()
