@@ -28,6 +28,8 @@ The victim alternates between the service's first container and the other one. T
 the engine's own events (`timeNano`: create, start, destroy) and stablenet's event log
 (`/v1/events`: the registry's state changes, with the snapshot's time), against the moment the
 benchmark sent the failure; `controller.ready` in `/v1/services` is polled every 50 ms as well.
+The container's own start time, for the goal (back at count within it + 2 s), is `docker run`
+of the round's first container (create and start through the Engine API) to its first ready.
 
 Crash loop (--crash-window S, beside the rounds): a service with `stablenet.replicas=1` whose
 command exits at once, under the controller's default backoff (10 s doubling) and breaker (3):
@@ -543,16 +545,16 @@ class Bench:
             now = time.time()
             if body is not None:
                 ctl = body.get("controller") or {}
-                ready = frozenset(e["name"] for e in body["endpoints"] if e["state"] == "ready")
+                ready = frozenset(e["id"] for e in body["endpoints"] if e["state"] == "ready")
                 polls.append((now, ctl.get("ready"), ready))
-                went_out = went_out or victim.name not in ready
+                went_out = went_out or victim.id not in ready
                 if managed:
                     gone = any(
                         e.action == "destroy" and e.id == victim.id
                         for e in self.engine_events.of(service)
                     )
                     if (
-                        len(ready - {victim.name}) >= 2
+                        len(ready - {victim.id}) >= 2
                         and ctl.get("ready") == 2
                         and ctl.get("in_flight") == 0
                         and gone
@@ -590,20 +592,29 @@ class Bench:
         # place, the victim ready again after it went out).
         back = None
         out = False
+        # The registry's events name endpoints: a replica may take the name of the victim once
+        # the victim has left the registry (removed containers free their names).
+        left = next(
+            (float(e["at"]) for e in registry
+             if e["endpoint"] == victim.name and e["kind"] == "removed"
+             and float(e["at"]) >= failed_at),
+            None,
+        )  # fmt: skip
         for at, names in ready_sets(registry):
             if at < failed_at:
                 continue
             out = out or victim.name not in names
-            healthy = names if not managed else names - {victim.name}
+            old_one = {victim.name} if managed and (left is None or at < left) else set()
+            healthy = names - old_one
             if out and len(healthy) >= 2:
                 back = at
                 break
         # The same, as the admin API showed it (polled).
         polled = None
         seen_out = False
-        for at, ctl_ready, names in polls:
-            seen_out = seen_out or victim.name not in names
-            healthy = names if not managed else names - {victim.name}
+        for at, ctl_ready, ids in polls:
+            seen_out = seen_out or victim.id not in ids
+            healthy = ids if not managed else ids - {victim.id}
             if seen_out and len(healthy) >= 2 and (not managed or ctl_ready == 2):
                 polled = at
                 break
