@@ -679,8 +679,8 @@ class Bench:
              if e["message"].startswith("degraded")),
             None,
         )  # fmt: skip
-        kept = [e.name for e in events if e.action == "create"]
-        gone = {e.name for e in events if e.action == "destroy"}
+        kept = [(e.id, e.name) for e in events if e.action == "create"]
+        gone = {e.id for e in events if e.action == "destroy"}
         await asyncio.to_thread(self.remove_service, service)
         return {
             "service": service,
@@ -691,7 +691,7 @@ class Bench:
             "degraded": ctl.get("degraded"),
             "degraded_after_s": tripped,
             "next_retry_at": ctl.get("next_retry_at"),
-            "containers_left": [n for n in kept if n not in gone],
+            "containers_left": [name for cid, name in kept if cid not in gone],
             "controller_events": [e["message"] for e in notes],
         }
 
