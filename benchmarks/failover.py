@@ -70,6 +70,7 @@ import aiohttp
 import docker
 import docker.errors
 
+from benchmarks.admin import follow_events
 from stablenet.docker.networks import engine_networks
 from tests.helpers import HTTPD, ensure_image, free_port
 
@@ -379,19 +380,8 @@ class Stablenet:
                 await asyncio.sleep(0.05)
 
     async def follow(self, stop: asyncio.Event) -> None:
-        """Keep the admin API's recent events (it holds the last 500 only) until ``stop``."""
-        async with aiohttp.ClientSession() as http:
-            while not stop.is_set():
-                await self._read_events(http)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 0.5)
-            await self._read_events(http)
-
-    async def _read_events(self, http: aiohttp.ClientSession) -> None:
-        since = self.events[-1]["seq"] if self.events else 0
-        with contextlib.suppress(aiohttp.ClientError):
-            async with http.get(f"{self.admin}/v1/events", params={"since": since}) as r:
-                self.events += (await r.json())["events"]
+        """Keep the admin API's recent events until ``stop``."""
+        await follow_events(self.admin, self.events, stop)
 
     async def figures(self) -> dict[str, Any]:
         """What the daemon saw: passive ejections, from its events, and its retries."""

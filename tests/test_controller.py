@@ -23,6 +23,10 @@ import pytest
 from stablenet.admin import AdminServer
 from stablenet.config import ControllerConfig, HealthConfig
 from stablenet.controller import Controller
+from stablenet.controller.engine import Engine
+from stablenet.controller.loop import ServiceStatus, _member
+from stablenet.controller.plan import Grow
+from stablenet.docker.source import default_client
 from stablenet.events import EventLog
 from stablenet.health.checker import HealthChecker
 from stablenet.model import State as EpState
@@ -184,6 +188,93 @@ async def test_a_process_killed_from_the_host_is_replaced_and_the_count_kept(
     assert stray.status == "exited"
     assert svc + "x" not in ctl.status
     assert harness.members(svc + "x") == [stray] or len(harness.members(svc + "x")) == 1
+
+
+async def test_a_failure_is_confirmed_from_inspect_while_the_listing_says_running(
+    harness: Harness,
+) -> None:
+    """Right after `die` the engine's listing can still say running; the failure is confirmed
+    from inspect in that pass, not left for a later one that no event would prompt."""
+    svc = harness.containers.name("stale")
+    box = harness.containers.run("stale", labels=labels(svc, **{"stablenet.replicas": "2"}))
+    ctl = Controller(harness.registry, replace(FAST, state_dir=str(harness.state_dir)))
+    engine = Engine(default_client())
+    try:
+        listed = [m for m in await engine.managed() if m["Id"] == box.id]
+        member = _member(listed[0])  # the listing as a pass read it, before the die
+        assert not isinstance(member, str) and member.status == "running"
+        os.kill(int(box.attrs["State"]["Pid"]), signal.SIGKILL)
+        box.wait(timeout=20)
+        ctl._failed[box.id] = "killed (SIGKILL from outside Docker)"
+        await ctl._confirm_failure(engine, member)
+    finally:
+        await engine.close()
+    assert box.id in ctl._confirmed
+    assert member.status == "exited"
+    assert ctl.state.service(svc).streak == 1
+
+
+async def test_a_container_destroyed_while_a_pass_awaits_fills_no_slot(harness: Harness) -> None:
+    """A pass reads the listing, then awaits; a container destroyed meanwhile is still in that
+    listing, exited, its failure forgotten with the destroy: it must not count as one the
+    operator stopped, or it fills a slot and a healthy replica is removed as one too many."""
+    svc = harness.containers.name("gone")
+    began = time.time()
+    harness.containers.run("good", labels=labels(svc, **{"stablenet.replicas": "1"}))
+    broken = harness.containers.run(
+        "broken", labels=labels(svc, **{"stablenet.replicas": "1"}), command=CRASH
+    )
+    broken.wait(timeout=20)
+    ctl = Controller(
+        harness.registry, replace(FAST, state_dir=str(harness.state_dir)), log=harness.log
+    )
+    engine = Engine(default_client())
+    try:
+        members = [_member(item) for item in await engine.managed()]
+        group = [m for m in members if not isinstance(m, str) and m.service == svc]
+        assert sorted(m.status for m in group) == ["exited", "running"]
+        broken.remove(force=True)
+        for event in await engine.past_events(began - 1, time.time()):
+            ctl._classify(event)  # every event of both, the broken one's die and destroy too
+        await ctl._reconcile_service(engine, svc, group, harness.registry.snapshot, time.time())
+    finally:
+        for task in list(ctl._ops):
+            task.cancel()
+        await asyncio.gather(*ctl._ops, return_exceptions=True)
+        await engine.close()
+    assert not ctl.actions
+    assert ctl.status[svc].desired == 1 and ctl.status[svc].replicas == 1
+
+
+async def test_a_new_replica_is_counted_from_the_moment_its_operation_starts(
+    harness: Harness,
+) -> None:
+    """While a grow reads its template (before it creates anything), the next pass must see the
+    slot taken, or it grows a second replica for it (a new service's first pass runs while its
+    template is still starting, when operations may run side by side)."""
+    svc = harness.containers.name("slot")
+    box = harness.containers.run("slot", labels=labels(svc, **{"stablenet.replicas": "2"}))
+    ctl = Controller(
+        harness.registry, replace(FAST, state_dir=str(harness.state_dir)), log=harness.log
+    )
+    engine = Engine(default_client())
+    ctl._engine = engine
+    ctl.status[svc] = ServiceStatus(svc)
+    try:
+        members = [_member(item) for item in await engine.managed()]
+        group = [m for m in members if not isinstance(m, str) and m.service == svc]
+        ctl._launch(svc, Grow(box.id, "1 of 2 replicas"), group)
+        await asyncio.sleep(0)  # the operation's first step; its inspect is still out
+        assert ctl._creating[svc] == 1
+        async with asyncio.timeout(30):
+            await asyncio.gather(*ctl._ops)
+        assert ctl._creating[svc] == 0
+        last = ctl.status[svc].last
+        assert last is not None and "ready" in last.result
+    finally:
+        for task in list(ctl._ops):
+            task.cancel()
+        await engine.close()
 
 
 async def test_an_unhealthy_replica_is_replaced_and_the_new_one_is_ready_first(

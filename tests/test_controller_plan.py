@@ -20,6 +20,7 @@ from stablenet.controller.plan import (
     backoff_delay,
     breaker_limit,
     decide,
+    next_attempt,
 )
 from stablenet.controller.spec import Spec, creates_containers, spec_of, unreplicable
 from stablenet.controller.state import ServiceState, State, StateDir
@@ -121,6 +122,14 @@ def test_one_operation_at_a_time_unless_below_half() -> None:
     assert decide(view(rep("a"), rep("b"), rep("c"), desired=1, in_flight=1), NOW, 10) == []
 
 
+def test_a_new_replica_that_exited_before_its_operation_judged_it_still_counts() -> None:
+    # A replace is in flight and its new replica already exited; with nothing ready operations
+    # may run side by side, but not a second replica for the same slot.
+    old = rep("a", status="exited", ready=False, failed="exited with code 3", busy=True)
+    settling = rep("b", status="exited", ready=False, ours=True, busy=True)
+    assert decide(view(old, settling, desired=1, in_flight=1), NOW, 10) == []
+
+
 def test_a_replica_left_unstarted_is_started_not_duplicated() -> None:
     unstarted = rep("b", status="created", ready=False, ours=True, started=False)
     assert decide(view(rep("a"), unstarted), NOW, 10) == [Start("b", "created but never started")]
@@ -136,6 +145,15 @@ def test_backoff_doubles_from_the_second_failure_and_is_capped() -> None:
         streak += 1
         at += backoff_delay(streak + 1, 10, 300)
     assert attempts <= 6
+
+
+def test_a_first_failure_is_acted_on_at_once_even_when_recorded_after_now() -> None:
+    # A pass takes `now` before it confirms a failure, which records a later time: no wait.
+    assert next_attempt(1, NOW + 0.2, NOW, 10, 300, 600) == 0.0
+    assert next_attempt(0, 0.0, NOW, 10, 300, 600) == 0.0
+    assert next_attempt(2, NOW + 0.2, NOW, 10, 300, 600) == NOW + 10.2
+    assert next_attempt(3, NOW - 5, NOW, 10, 300, 600) == NOW + 15
+    assert next_attempt(3, NOW - 601, NOW, 10, 300, 600) == 0.0  # healthy long enough
 
 
 def test_breaker_limit_is_three_or_half_the_count() -> None:

@@ -47,6 +47,7 @@ from stablenet.controller.plan import (
     breaker_limit,
     counted,
     decide,
+    next_attempt,
     ready_count,
 )
 from stablenet.controller.spec import (
@@ -195,6 +196,7 @@ class Controller:
         self._confirmed: set[str] = set()  # failures counted (Docker will not restart them)
         self._exited: dict[str, int] = {}  # container id -> exit code of its last die
         self._unhealthy_since: dict[str, float] = {}
+        self._gone: set[str] = set()  # destroyed; a listing read before may still show them
         self._inspects: dict[str, Mapping[str, Any]] = {}
         self._in_flight: collections.Counter[str] = collections.Counter()
         # Replicas on their way, per service: launched creations whose container is not made
@@ -389,6 +391,7 @@ class Controller:
             else:
                 self._failed[cid] = _why_died(code, cid in self._oom)
         elif verb == "destroy":
+            self._gone.add(cid)
             operator = not self._ours(cid) and (cid in svc.held or cid in self._operator_kill)
             if cid in svc.parked:
                 svc.parked.remove(cid)
@@ -423,6 +426,7 @@ class Controller:
 
     async def _reconcile(self, engine: Engine) -> None:
         listed = await engine.managed()
+        self._gone &= {str(item["Id"]) for item in listed}
         now = time.time()
         snap = self.registry.snapshot
         members: dict[str, _Member] = {}
@@ -466,15 +470,16 @@ class Controller:
 
     async def _confirm_failure(self, engine: Engine, member: _Member) -> None:
         """A container died on its own: a failure unless Docker's restart policy brings it
-        back (then it is Docker's to handle)."""
-        if member.status not in ("exited", "dead"):
-            return  # listed before it died (its next start event clears the failure)
+        back (then it is Docker's to handle). Its state comes from inspect, not the listing:
+        right after ``die`` the listing may still say running (the engine updates it once the
+        exit is handled; inspect waits for that), and no later event would prompt a look."""
         inspect = await engine.inspect(member.id)
         if inspect is None:
             return
         if _docker_restarts(inspect):
             self._failed.pop(member.id, None)
             return
+        member.status = str((inspect.get("State") or {}).get("Status") or "exited")
         why = self._failed[member.id]
         self._confirmed.add(member.id)
         logger.warning("controller: %s (service %s) %s", member.name, member.service, why)
@@ -484,6 +489,11 @@ class Controller:
     async def _reconcile_service(
         self, engine: Engine, service: str, group: list[_Member], snap: Snapshot, now: float
     ) -> None:
+        # A container destroyed while this pass awaited is not counted (as stopped by the
+        # operator, it would fill a slot: a failed replica discarded, or a good one removed).
+        group = [m for m in group if m.id not in self._gone]
+        if not group:
+            return
         svc = self.state.service(service)
         lead = max(group, key=lambda m: (m.labels.get(MANAGED) != "true", m.created))
         status = self.status.setdefault(service, ServiceStatus(service))
@@ -660,10 +670,9 @@ class Controller:
         return cached
 
     def _next_try(self, svc: ServiceState, now: float) -> float:
-        if not svc.streak or now - svc.last_failure > self.config.backoff_reset:
-            return 0.0
-        return svc.last_failure + backoff_delay(
-            svc.streak, self.config.backoff, self.config.backoff_max
+        cfg = self.config
+        return next_attempt(
+            svc.streak, svc.last_failure, now, cfg.backoff, cfg.backoff_max, cfg.backoff_reset
         )
 
     def _count_failure(self, service: str, why: str) -> None:

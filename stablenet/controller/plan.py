@@ -102,13 +102,16 @@ Action = Start | Heal | Grow | Shrink | Park | Discard
 
 
 def counted(view: View) -> list[Replica]:
-    """The replicas that fill the count: live ones and those the operator stopped."""
+    """The replicas that fill the count: live ones, those an operation is still acting on (a
+    new replica that exited before its operation judged it), and those the operator stopped;
+    not parked ones, nor one the operator created and has not started yet (docker compose up
+    recreating a container)."""
     return [
         r
         for r in view.replicas
-        if ((r.status in LIVE and r.failed is None) or r.held)
+        if ((r.failed is None and (r.status in LIVE or r.busy)) or r.held)
         and not r.parked
-        and not (r.status == "created" and not r.ours)  # the operator's, still being set up
+        and not (r.status == "created" and not r.ours)
     ]
 
 
@@ -178,9 +181,7 @@ def decide(view: View, now: float, grace: float) -> list[Action]:
         return (starts + [Grow(template.id, reason)] * grow)[:grow]
     if count > view.desired and not view.in_flight:
         victims = [
-            r
-            for r in idle
-            if not r.held and r.status in LIVE and (r.ours or r.status != "created")
+            r for r in idle if not r.held and r.status in LIVE and (r.ours or r.status != "created")
         ]
         if not victims:
             return []
@@ -211,6 +212,18 @@ def backoff_delay(streak: int, first: float, cap: float) -> float:
     if streak <= 1:
         return 0.0
     return min(cap, first * float(2 ** (streak - 2)))
+
+
+def next_attempt(
+    streak: int, last_failure: float, now: float, first: float, cap: float, reset: float
+) -> float:
+    """When the next attempt may start (unix time; 0.0: at once). No wait after a first failure,
+    even one recorded later than ``now`` (in the same reconcile pass); a streak whose last
+    failure is older than ``reset`` is forgotten."""
+    delay = backoff_delay(streak, first, cap)
+    if not delay or now - last_failure > reset:
+        return 0.0
+    return last_failure + delay
 
 
 def breaker_limit(desired: int | None, breaker: int) -> int:
