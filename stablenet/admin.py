@@ -251,7 +251,8 @@ class AdminServer(Server):
         name = request.match_info["name"].lower()
         refused = self._controller.scale(name, replicas)
         if refused is not None:
-            return web.json_response({"error": refused}, status=404)
+            status = 404 if refused.startswith("no managed service") else 409
+            return web.json_response({"error": refused}, status=status)
         return web.json_response({"service": name, "replicas": replicas})
 
     async def _recent_events(self, request: web.Request) -> web.Response:

@@ -51,6 +51,7 @@ from stablenet.controller.plan import (
     ready_count,
 )
 from stablenet.controller.spec import (
+    COMPOSE,
     MANAGED,
     Spec,
     creates_containers,
@@ -62,7 +63,14 @@ from stablenet.controller.state import ServiceState, State, StateDir
 from stablenet.controller.template import replica_plan
 from stablenet.docker.order import stop_timeout
 from stablenet.docker.source import DockerLost, default_client, describe, unwrap
-from stablenet.docker.translate import LabelError, event_time, service_of
+from stablenet.docker.translate import (
+    STOP_SIGNALS,
+    LabelError,
+    event_time,
+    front_names,
+    service_of,
+    stops,
+)
 from stablenet.errors import StartupError
 from stablenet.events import EventLog
 from stablenet.model import Drain, Front, SetFront
@@ -173,6 +181,10 @@ class Controller:
         self.concurrency = concurrency  # a service's requests in flight plus held
         self.requests = requests  # a service's requests so far (a counter)
         self._scalers: dict[str, Scaler] = {}
+        self._wanted: set[str] = set()  # autoscaled services asked for with nothing ready
+        # Containers (id or name) a new one from docker compose replaces (its label
+        # com.docker.compose.replace): their removal lowers no count.
+        self._replaced_by_compose: set[str] = set()
         self._seen_requests: dict[str, int] = {}
         self._recommended: dict[str, int] = {}
         self.dir = StateDir(config.state_dir)
@@ -231,6 +243,9 @@ class Controller:
         try:
             await self._take_lock()
             self.state = self.dir.load()
+            self._failed.update(self.state.failed)
+            self._confirmed.update(self.state.failed)
+            self._operator_kill.update(self.state.killed)
             await self._sessions()
         finally:
             for task in list(self._ops):
@@ -324,15 +339,18 @@ class Controller:
         self._seen_requests[service] = count
         scaler.sample(time.monotonic(), load, active)
         status = self.status.get(service)
-        if load and status is not None and not status.ready and not status.in_flight:
+        wanted = bool(load) and status is not None and not status.ready and not status.in_flight
+        if wanted and service not in self._wanted:
             self._pulse()  # asked for with nothing ready: act now, not at the next tick
+        self._wanted.discard(service)
+        if wanted:
+            self._wanted.add(service)
 
     def demand(self, service: str) -> None:
         """A request began waiting for a service with no ready endpoint (the proxy's hold
         hook): an autoscaled service scaled to zero starts a replica at once."""
         if service in self._scalers:
             self._take_sample(service)
-            self._pulse()
 
     async def _consume(self, queue: EventQueue) -> None:
         while True:
@@ -376,7 +394,8 @@ class Controller:
                 svc.held.remove(cid)
                 self._note(service, name, "started by the operator: counted again")
         elif verb == "kill" and not self._ours(cid):
-            self._operator_kill.add(cid)
+            if self._stops(cid, str(attrs.get("signal") or "")):
+                self._operator_kill.add(cid)
         elif verb == "oom":
             self._oom.add(cid)
         elif verb == "die":
@@ -404,19 +423,52 @@ class Controller:
                 table.discard(cid)
             for mapping in (self._failed, self._exited, self._unhealthy_since, self._inspects):
                 mapping.pop(cid, None)
-            if operator:
+            # Compose names the container it replaces by id, name or "<service>-<n>".
+            successor = {cid, name} | {v for v in self._replaced_by_compose if name.endswith(v)}
+            if successor & self._replaced_by_compose:
+                self._replaced_by_compose -= successor  # its successor already counts
+            elif operator:
                 svc.released += 1
                 self._note(service, name, "removed by the operator: the count is one lower")
+        elif verb in ("rename", "update"):
+            self._inspects.pop(cid, None)  # e.g. compose's temporary name, now the real one
         elif verb == "create" and attrs.get(MANAGED) != "true":
-            if svc.released > 0:
+            replaces = str(attrs.get(COMPOSE + "replace") or "")
+            if replaces:
+                # docker compose up recreating a container: the new one is made before the old
+                # one is removed, and takes its slot.
+                self._replaced_by_compose.add(replaces)
+            elif svc.released > 0:
                 svc.released -= 1
             if svc.degraded is not None:
                 svc.degraded = None
-                svc.streak = 0
+                svc.streak = svc.failed_replacements = 0
                 self._note(service, name, "a new container from the operator: breaker reset")
         if at:
             self.state.seen_until = max(self.state.seen_until, at)
         self._pulse()
+
+    def _remember(self, members: Mapping[str, _Member]) -> None:
+        """Keep what events taught about the containers that still exist, for a restart."""
+        self.state.failed = {
+            cid: why
+            for cid, why in self._failed.items()
+            if cid in self._confirmed and cid in members
+        }
+        self.state.killed = sorted(cid for cid in self._operator_kill if cid in members)
+
+    def _stops(self, cid: str, signal: str) -> bool:
+        """Whether a kill with ``signal`` stops the container: a stopping signal (TERM, KILL,
+        INT, QUIT, or none named), or the container's own STOPSIGNAL (docker stop sends it).
+        HUP, USR1 and the like (a reload) are not a stop."""
+        if not signal or signal.upper() in STOP_SIGNALS:
+            return True
+        ep = self.registry.snapshot.endpoints.get(cid)
+        own = ep.stop_signal if ep is not None else ""
+        inspect = self._inspects.get(cid)
+        if not own and inspect is not None:
+            own = str((inspect.get("Config") or {}).get("StopSignal") or "")
+        return stops(signal, own)
 
     def _ours(self, cid: str) -> bool:
         """Whether stablenet is acting (or acted, to remove it) on this container."""
@@ -454,7 +506,14 @@ class Controller:
             if service not in groups:
                 self.status[service] = ServiceStatus(service, problem=problem)
         for service, group in sorted(groups.items()):
-            await self._reconcile_service(engine, service, group, snap, now)
+            group = [m for m in group if m.id not in self._retired]  # being removed
+            try:
+                await self._reconcile_service(engine, service, group, snap, now)
+            except (docker.errors.DockerException, OSError, DockerLost):
+                raise  # the engine: the session ends and reconnects
+            except Exception:  # one service's bug must not stop the others being kept
+                logger.exception("controller: service %s could not be reconciled", service)
+        self._remember(members)
         for gone in set(self._inspects) - set(members):
             self._inspects.pop(gone, None)
         self._save()
@@ -508,14 +567,20 @@ class Controller:
             desired = max(0, desired - svc.released)
         replicas = tuple(self._replica(m, svc, snap, now) for m in group)
         scaling: ScaleSpec | None = None
-        if is_autoscaled(lead.labels):
+        if is_autoscaled(lead.labels) and self.concurrency is no_load:
+            status.problem = (
+                "autoscaling needs stablenet's proxy (proxy.enabled = false): it scales on the "
+                "requests the proxy sees; the service keeps its fixed count"
+            )
+            self._stop_scaling(service)
+        elif is_autoscaled(lead.labels):
             try:
                 scaling = scale_spec(lead.labels, lead.name, self.config)
             except LabelError as exc:
                 status.problem = str(exc)
                 return
             desired = self._autoscale(service, scaling, replicas, status)
-            self._front(service, snap, replicas)
+            self._front(service, snap, replicas, lead.labels)
         else:
             self._stop_scaling(service)
         refused = await self._refusal(engine, spec, desired, replicas)
@@ -586,16 +651,23 @@ class Controller:
         }
         return rec.desired
 
-    def _front(self, service: str, snap: Snapshot, replicas: tuple[Replica, ...]) -> None:
+    def _front(
+        self,
+        service: str,
+        snap: Snapshot,
+        replicas: tuple[Replica, ...],
+        labels: Mapping[str, str],
+    ) -> None:
         """Keep an autoscaled service routed, and answered with the proxy's address, with or
-        without running replicas."""
+        without running replicas (names and listeners from its labels when none runs)."""
         endpoints = snap.services.get(service, ())
-        old = snap.fronted.get(service)
-        hosts = endpoints[0].http_hosts if endpoints else old.http_hosts if old else ()
-        listeners = endpoints[0].listeners if endpoints else old.listeners if old else ()
+        if endpoints:
+            hosts, listeners = endpoints[0].http_hosts, endpoints[0].listeners
+        else:
+            hosts, listeners = front_names(labels)
         parked = not any(r.status in LIVE and not r.parked for r in replicas)
         front = Front(tuple(hosts), tuple(listeners), parked)
-        if front != old:
+        if front != snap.fronted.get(service):
             self.registry.apply([SetFront(service, front)])
 
     def _stop_scaling(self, service: str) -> None:
@@ -675,8 +747,10 @@ class Controller:
             svc.streak, svc.last_failure, now, cfg.backoff, cfg.backoff_max, cfg.backoff_reset
         )
 
-    def _count_failure(self, service: str, why: str) -> None:
-        """One more failure in a row: backoff grows; past the limit the breaker trips."""
+    def _count_failure(self, service: str, why: str, replacement: bool = False) -> None:
+        """One more failure in a row: the backoff grows. A replacement that never got ready
+        also counts toward the breaker, which trips at max(breaker, half the count) of them
+        in a row (one that gets ready starts that count again)."""
         svc = self.state.service(service)
         now = time.time()
         if now - svc.last_failure > self.config.backoff_reset:
@@ -686,11 +760,13 @@ class Controller:
         status = self.status.get(service)
         desired = status.desired if status is not None else None
         limit = breaker_limit(desired, self.config.breaker)
-        if svc.streak > limit and svc.degraded is None:
+        if replacement:
+            svc.failed_replacements += 1
+        if svc.failed_replacements >= limit and svc.degraded is None:
             svc.degraded = (
-                f"{svc.streak - 1} replacements failed in a row (last: {why}); the last broken "
-                "container is kept for inspection; `stablenet scale` or a new container from "
-                "the operator resets this"
+                f"{svc.failed_replacements} replacements failed in a row (last: {why}); the "
+                "last broken container is kept for inspection; `stablenet scale` or a new "
+                "container from the operator resets this"
             )
             logger.error("controller: service %s is degraded: %s", service, svc.degraded)
             self._note(service, "", f"degraded: {svc.degraded}")
@@ -753,6 +829,8 @@ class Controller:
         except Exception as exc:
             result = f"failed: {describe(unwrap(exc))}"
             logger.warning("controller: %s of service %s %s", last.action, service, result)
+            if isinstance(unwrap(exc), docker.errors.APIError):
+                self._count_failure(service, result)  # the engine refused: back off
         finally:
             self._in_flight[service] -= 1
             if target:
@@ -787,7 +865,7 @@ class Controller:
                 why = f"cannot start: {describe(exc)}"
                 self._failed[cid] = why
                 self._confirmed.add(cid)
-                self._count_failure(service, why)
+                self._count_failure(service, why, replacement=True)
                 return f"{name} {why}"
             outcome = await self._settle(engine, service, cid, changed, began)
         finally:
@@ -844,6 +922,7 @@ class Controller:
                 why = "was removed before it was ready"
                 break
             if self._ready(member, self.registry.snapshot):
+                self.state.service(service).failed_replacements = 0
                 return f"ready in {time.monotonic() - began:.2f}s"
             if member.status in ("exited", "dead"):
                 code = self._exited.get(cid)
@@ -859,7 +938,7 @@ class Controller:
             changed = self._changed
         self._failed[cid] = why
         self._confirmed.add(cid)
-        self._count_failure(service, why)
+        self._count_failure(service, why, replacement=True)
         return why
 
     async def _fresh(self, engine: Engine, cid: str) -> _Member | None:
@@ -899,6 +978,9 @@ class Controller:
             with contextlib.suppress(docker.errors.NotFound):
                 await engine.stop(cid, stop_timeout(ep) if ep is not None else None)
             await engine.remove(cid)
+        except BaseException:
+            self._retired.discard(cid)  # not removed: seen (and decided on) again
+            raise
         finally:
             self._acting.pop(cid, None)
         return "drained and removed"
@@ -948,7 +1030,7 @@ class Controller:
         svc = self.state.service(service)
         svc.scale = replicas
         svc.released = 0
-        svc.streak = 0
+        svc.streak = svc.failed_replacements = 0
         svc.degraded = None
         self._save()
         self._note(service, "", f"count set to {replicas} by `stablenet scale`")

@@ -25,7 +25,8 @@ class ServiceState:
     released: int = 0  # slots the operator gave up by removing containers
     held: list[str] = field(default_factory=list)  # container ids the operator stopped
     parked: list[str] = field(default_factory=list)  # stopped by the autoscaler, kept
-    streak: int = 0  # failures in a row
+    streak: int = 0  # failures in a row (the backoff)
+    failed_replacements: int = 0  # replacements that never got ready, in a row (the breaker)
     last_failure: float = 0.0  # unix time
     degraded: str | None = None
 
@@ -37,6 +38,10 @@ class ServiceState:
 class State:
     services: dict[str, ServiceState] = field(default_factory=dict)
     seen_until: float = 0.0  # events up to this unix time were taken into account
+    # What events taught, kept for after a restart: containers that failed (id -> why), and
+    # containers the operator killed whose die may come later.
+    failed: dict[str, str] = field(default_factory=dict)
+    killed: list[str] = field(default_factory=list)
 
     def service(self, name: str) -> ServiceState:
         return self.services.setdefault(name, ServiceState())
@@ -45,6 +50,8 @@ class State:
         return {
             "version": 1,
             "seen_until": self.seen_until,
+            "failed": dict(sorted(self.failed.items())),
+            "killed": sorted(self.killed),
             "services": {
                 name: asdict(svc)
                 for name, svc in sorted(self.services.items())
@@ -63,7 +70,9 @@ class State:
         for name, raw in (data.get("services") or {}).items():
             known = {k: v for k, v in raw.items() if k in ServiceState.__dataclass_fields__}
             services[str(name)] = ServiceState(**known)
-        return cls(services, float(data.get("seen_until") or 0.0))
+        failed = {str(k): str(v) for k, v in (data.get("failed") or {}).items()}
+        killed = [str(cid) for cid in data.get("killed") or ()]
+        return cls(services, float(data.get("seen_until") or 0.0), failed, killed)
 
 
 class StateDir:

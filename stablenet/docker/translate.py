@@ -53,7 +53,7 @@ _SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
 _HOST_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _HOST_NAME = re.compile(r"^(\*\.)?[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$")
 # Signals after which a container is expected to exit; others (HUP, USR1, ...) are not a stop.
-_STOP_SIGNALS = frozenset(
+STOP_SIGNALS = frozenset(
     {"2", "3", "9", "15", "SIGINT", "SIGQUIT", "SIGKILL", "SIGTERM", "INT", "QUIT", "KILL", "TERM"}
 )
 
@@ -206,6 +206,26 @@ def service_of(labels: Mapping[str, str], name: str) -> str:
             "expected a DNS label: letters, digits, '-' or '_', at most 63"
         )
     return _sanitize(service)
+
+
+def front_names(labels: Mapping[str, str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The usable names of label stablenet.http.host and entries of stablenet.proxy.listen
+    (unusable ones left out), for a service that is fronted with no container running."""
+    hosts = tuple(
+        h.strip().lower().rstrip(".")
+        for h in labels.get(LABEL + "http.host", "").split(",")
+        if h.strip() and _http_host_problem(h.strip().lower().rstrip(".")) is None
+    )
+    listeners = []
+    for entry in (e.strip() for e in labels.get(LABEL + "proxy.listen", "").split(",")):
+        kind, _, hostport = entry.partition(":")
+        try:
+            parse_hostport(hostport)
+        except ValueError:
+            continue
+        if kind in ("http", "tcp"):
+            listeners.append(entry)
+    return hosts, tuple(listeners)
 
 
 def _http_host_problem(host: str) -> str | None:
@@ -397,7 +417,7 @@ def classify(event: Mapping[str, Any]) -> tuple[Action, str] | None:
             return None
         if verb == "kill":
             signal = str(attrs.get("signal", "")).upper()
-            return (Action.DRAIN if signal in _STOP_SIGNALS or not signal else Action.SIGNAL, cid)
+            return (Action.DRAIN if signal in STOP_SIGNALS or not signal else Action.SIGNAL, cid)
         what = _CONTAINER_ACTIONS.get(verb)
         return (what, cid) if what is not None else None
     if kind == "network" and action in ("connect", "disconnect"):
