@@ -4,7 +4,7 @@ cost of building metric families is paid by the scraper, not by requests or quer
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -38,7 +38,9 @@ class Collector:
         dns: DnsServer | None = None,
         proxy: Proxy | None = None,
         controller: Controller | None = None,
+        ready: Callable[[], float | None] | None = None,
     ) -> None:
+        self._ready = ready
         self._registry = registry
         self._controller = controller
         self._source = source
@@ -48,6 +50,13 @@ class Collector:
 
     def collect(self) -> Iterable[Metric]:
         yield from self._registry_metrics()
+        ready = self._ready() if self._ready is not None else None
+        if ready is not None:
+            yield GaugeMetricFamily(
+                "stablenet_ready_seconds",
+                "Seconds from this process's start to serving (synced, listeners accepting).",
+                value=ready,
+            )
         if self._source is not None:
             yield from self._source_metrics(self._source.stats)
         if self._health is not None:
