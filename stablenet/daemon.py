@@ -29,7 +29,7 @@ from stablenet.docker.source import DockerSource
 from stablenet.docker.translate import Settings
 from stablenet.errors import StartupError
 from stablenet.events import EventLog
-from stablenet.handover import Offer, Predecessor, path_for, take_over
+from stablenet.handover import Offer, Predecessor, notify_systemd, path_for, take_over
 from stablenet.health.checker import HealthChecker
 from stablenet.metrics import Collector, exposition
 from stablenet.model import State
@@ -278,6 +278,7 @@ class Daemon:
                 if not self.sockets.inherited
                 else "inherited sockets",
             )
+            notify_systemd(f"READY=1\nMAINPID={os.getpid()}")
             if predecessor is not None:
                 predecessor.ready()
                 tasks.create_task(self._predecessor_exit(predecessor), name="predecessor")

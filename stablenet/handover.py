@@ -34,6 +34,17 @@ READY_WAIT = 120.0  # seconds the running one waits for its successor to serve
 MAX_LINE = 65536
 
 
+def notify_systemd(message: str) -> None:
+    """Tell systemd (Type=notify, NotifyAccess=all) e.g. READY=1 and MAINPID: a successor
+    started by SIGHUP becomes the unit's main process before its predecessor exits."""
+    where = os.environ.get("NOTIFY_SOCKET", "")
+    if not where:
+        return
+    address = "\0" + where[1:] if where.startswith("@") else where
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(message.encode(), address)
+
+
 def path_for(state_dir: str, admin_listen: str) -> Path:
     """Where the stablenet with this admin address offers its sockets. The admin address names
     one running instance (two cannot share it), so a second `stablenet run` with the same config

@@ -46,7 +46,7 @@ def test_twenty_takeovers_and_five_upgrades_fail_no_request(
 ) -> None:
     with tempfile.TemporaryDirectory(prefix="stablenet-handover-") as tmp:
         work = Path(tmp)
-        bench = Bench(work)
+        bench = Bench(work, controller=True)  # the controller lock passes at each takeover
         with replicas(docker_client, bench.service):
             try:
                 first = bench.first()
@@ -105,7 +105,7 @@ def test_sigkill_fails_only_requests_in_flight_and_reports_time_to_ready(
                 assert phase.load.requests > 100
                 assert phase.load.failed <= 2 * CONNECTIONS, phase.load
                 assert phase.load.non2xx == 0  # nothing answered before it knew the services
-                assert all(0 < seconds < 15 for seconds in phase.ready_s), phase
+                assert all(0 < seconds < 30 for seconds in phase.ready_s), phase
                 metrics = bench_metrics(bench)
                 assert "stablenet_ready_seconds" in metrics
             finally:
