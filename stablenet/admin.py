@@ -276,7 +276,12 @@ class AdminServer(Server):
     async def start(self) -> None:
         runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
         await runner.setup()
-        site = web.TCPSite(runner, self._host, self._port, reuse_address=True)
+        sock = self.sockets("tcp", self._host, self._port)  # bound early or inherited
+        site: web.BaseSite = (
+            web.SockSite(runner, sock)
+            if sock is not None
+            else web.TCPSite(runner, self._host, self._port, reuse_address=True)
+        )
         try:
             await site.start()
         except OSError as exc:

@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--log-level", choices=("debug", "info", "warning", "error"), help="overrides log.level"
     )
+    # Set by a running stablenet on SIGHUP for the successor it starts: where to take over.
+    run.add_argument("--handover-from", metavar="PATH", help=argparse.SUPPRESS)
     services = sub.add_parser("services", help="show what is registered, its state and why")
     services.add_argument("--json", action="store_true", help="print the admin API's JSON")
     services.add_argument("--config", metavar="PATH", help="read admin.listen/token from here")
@@ -81,7 +83,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg = config.load(args.config)
     logs.setup(args.log_level or cfg.log.level, args.log_format or cfg.log.format)
     try:
-        daemon.run(cfg)
+        daemon.run(cfg, args.handover_from)
     except StartupError as exc:
         print(f"stablenet: cannot start: {exc}", file=sys.stderr)
         return 1

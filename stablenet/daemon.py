@@ -6,9 +6,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import resource
 import signal
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from prometheus_client.core import Metric
@@ -23,17 +29,60 @@ from stablenet.dns import DnsServer
 from stablenet.docker.networks import engine_networks, network_subnets
 from stablenet.docker.source import DockerSource
 from stablenet.docker.translate import Settings
+from stablenet.errors import StartupError
 from stablenet.events import EventLog
+from stablenet.handover import Offer, Predecessor, notify_systemd, path_for, take_over
 from stablenet.health.checker import HealthChecker
 from stablenet.metrics import Collector, exposition
+from stablenet.model import State
 from stablenet.proxy import Proxy
 from stablenet.proxy.server import DRAIN_GRACE, no_stable
-from stablenet.registry import Registry
+from stablenet.registry import Registry, Snapshot
+from stablenet.sockets import Key, Sockets, from_systemd
 from stablenet.traffic import History, Sampler, read_figures
+from stablenet.units import parse_hostport
 from stablenet.vips import VipManager, remove_table
 
 logger = logging.getLogger(__name__)
 NR_OPEN = "/proc/sys/fs/nr_open"  # the kernel's ceiling for an unlimited RLIMIT_NOFILE
+READY_TIMEOUT = 10.0  # seconds a start waits to sync with Docker before it serves regardless
+SETTLE_TIMEOUT = 3.0  # further seconds for endpoints' first health checks once synced
+
+
+def process_age() -> float:
+    """Seconds since this process started (the kernel's start time: interpreter start and
+    imports included), for the time-to-ready figure."""
+    try:
+        with open(f"/proc/{os.getpid()}/stat") as stat:
+            started = int(stat.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - started
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def settled(snap: Snapshot) -> bool:
+    """Synced, and no endpoint waits for its first health check: serving now answers from
+    the whole picture instead of holding requests for endpoints a moment from ready."""
+    return snap.synced and not any(ep.state is State.STARTING for ep in snap.endpoints.values())
+
+
+def static_listeners(config: Config) -> list[Key]:
+    """The sockets a config listens on that are known before anything runs (dns.listen entries
+    naming the Docker bridge are found later, from the engine)."""
+    keys: list[Key] = []
+    if config.admin.listen:
+        keys.append(("tcp", *parse_hostport(config.admin.listen)))
+    if config.dns.enabled:
+        for entry in config.dns.listen:
+            with contextlib.suppress(ValueError):
+                host, port = parse_hostport(entry)
+                keys += [("udp", host, port), ("tcp", host, port)]
+    if config.proxy.enabled:
+        keys.append(("tcp", *parse_hostport(config.proxy.listen)))
+        for spec in config.proxy.listeners:
+            with contextlib.suppress(ValueError):
+                keys.append(("tcp", *parse_hostport(spec.partition("=")[2].partition(":")[2])))
+    return [key for key in keys if key[2] != 0]
 
 
 def raise_descriptor_limit() -> int:
@@ -62,8 +111,14 @@ def raise_descriptor_limit() -> int:
 class Daemon:
     """Everything one `stablenet run` owns."""
 
-    def __init__(self, config: Config, registry: Registry | None = None) -> None:
+    def __init__(
+        self, config: Config, registry: Registry | None = None, sockets: Sockets | None = None
+    ) -> None:
         self.config = config
+        self.sockets = sockets or Sockets()
+        self.ready_seconds: float | None = None  # process start -> serving (metrics, log)
+        self.successor: int | None = None  # the pid that took over, once it serves
+        self.handover_path = path_for(config.controller.state_dir, config.admin.listen)
         self.registry = registry or Registry(config.cluster.prefer)
         self.source = DockerSource(
             self.registry,
@@ -126,6 +181,7 @@ class Daemon:
             proxy=self.proxy,
             controller=self.controller,
             extra=(self._part_metrics,),
+            ready=lambda: self.ready_seconds,
         )
         self.admin = AdminServer(
             self.registry,
@@ -149,6 +205,8 @@ class Daemon:
         )
         self.admin.serve_traffic(self.traffic.history)
         self.stopping = asyncio.Event()
+        for server in self.listeners():
+            server.sockets = self.sockets.take  # type: ignore[attr-defined]
 
     def _part_metrics(self) -> Iterable[Metric]:
         """Metrics of the parts that are on (virtual addresses, the cluster layer)."""
@@ -211,28 +269,136 @@ class Daemon:
             loops["cluster"] = self.cluster.run
         return loops
 
-    async def run(self) -> None:
-        """Start listeners, run the loops until ``stopping`` is set, then stop in order:
-        listeners stop accepting and drain (in reverse start order), then loops are cancelled."""
+    async def run(self, predecessor: Predecessor | None = None) -> None:
+        """Run the loops; once the registry is synced (bounded), start the listeners on the
+        sockets bound early or inherited, tell the predecessor, offer a handover, and run until
+        ``stopping``; then stop in order: listeners stop accepting and drain (in reverse start
+        order), then loops are cancelled. Until the listeners start, the kernel holds
+        connections and datagrams on the bound sockets (or the predecessor serves them)."""
         logger.info("stablenet %s starting (request path: %s)", __version__, native.describe())
         if self.controller is not None:
             self.controller.prepare()
         if self.vips is None:
             await remove_table(self.config.controller.state_dir)
-        async with contextlib.AsyncExitStack() as listeners:
-            for listener in self.listeners():
-                await listeners.enter_async_context(listener)
-            async with asyncio.TaskGroup() as tasks:
-                running = [
-                    tasks.create_task(loop(), name=name) for name, loop in self.loops().items()
-                ]
-                await self.stopping.wait()
-                logger.info("stopping: closing listeners")
-                await listeners.aclose()
-                logger.info("stopping: cancelling background loops")
-                for task in running:
-                    task.cancel()
+        failed: StartupError | None = None
+        async with asyncio.TaskGroup() as tasks:
+            running = {
+                name: tasks.create_task(loop(), name=name) for name, loop in self.loops().items()
+            }
+            try:
+                await self._serve(predecessor, running, tasks)
+            except StartupError as exc:
+                failed = exc
+            logger.info("stopping: cancelling background loops")
+            for task in running.values():
+                task.cancel()
+        if failed is not None:
+            raise failed
         logger.info("stopped")
+
+    async def _until_ready(self) -> bool:
+        """Wait for the Docker sync (READY_TIMEOUT), then for first health checks
+        (SETTLE_TIMEOUT). False when the sync did not come."""
+        try:
+            async with asyncio.timeout(READY_TIMEOUT):
+                await self.registry.until(lambda snap: snap.synced)
+        except TimeoutError:
+            return False
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SETTLE_TIMEOUT):
+                await self.registry.until(settled)
+        return True
+
+    async def _serve(
+        self,
+        predecessor: Predecessor | None,
+        running: dict[str, asyncio.Task[None]],
+        tasks: asyncio.TaskGroup,
+    ) -> None:
+        if not await self._until_ready():
+            if predecessor is not None:
+                predecessor.abandon()
+                raise StartupError(
+                    f"not synced with the Docker Engine within {READY_TIMEOUT:g}s; "
+                    f"stablenet pid {predecessor.pid} goes on serving"
+                )
+            logger.warning(
+                "not synced with the Docker Engine within %gs: serving what is known",
+                READY_TIMEOUT,
+            )
+        async with contextlib.AsyncExitStack() as listeners:
+            try:
+                for listener in self.listeners():
+                    await listeners.enter_async_context(listener)
+                if self.proxy is not None:
+                    await self.proxy.sync_listeners()  # takes inherited label listeners
+            except StartupError:
+                if predecessor is not None:
+                    predecessor.abandon()
+                raise
+            self.sockets.close_spare()
+            self.ready_seconds = process_age()
+            logger.info(
+                "serving: ready %.3fs after start (%d endpoints, %s)",
+                self.ready_seconds,
+                len(self.registry.snapshot.endpoints),
+                f"took over from pid {predecessor.pid}"
+                if predecessor
+                else "fresh sockets"
+                if not self.sockets.inherited
+                else "inherited sockets",
+            )
+            notify_systemd(f"READY=1\nMAINPID={os.getpid()}")
+            if predecessor is not None:
+                predecessor.ready()
+                tasks.create_task(self._predecessor_exit(predecessor), name="predecessor")
+            async with Offer(self.handover_path, self.sockets, self._hand_over):
+                await self.stopping.wait()
+            logger.info("stopping: closing listeners")
+            if self.successor is not None:
+                # The successor serves: stop acting on containers at once, so its controller
+                # takes the lock (within its 2 s poll) while our connections drain.
+                controller = running.get("controller")
+                if controller is not None:
+                    controller.cancel()
+                    await asyncio.gather(controller, return_exceptions=True)
+                    logger.info("controller lock released for pid %d", self.successor)
+                if self.proxy is not None:
+                    self.proxy.keep_addresses = True
+            await listeners.aclose()
+
+    async def _predecessor_exit(self, predecessor: Predecessor) -> None:
+        began = time.monotonic()
+        await predecessor.gone()
+        logger.info(
+            "stablenet pid %d drained and exited %.3fs after we took over",
+            predecessor.pid,
+            time.monotonic() - began,
+        )
+
+    def _hand_over(self, successor: int) -> None:
+        """A successor serves on our sockets: drain and exit."""
+        logger.info("stablenet pid %d serves now: handing over", successor)
+        self.successor = successor
+        self.stopping.set()
+
+    def start_successor(self) -> None:
+        """SIGHUP: start a fresh `stablenet run` from the code and config on disk now; it takes
+        over through the handover socket like a second `stablenet run` would."""
+        args = sys.argv[1:]
+        if "--handover-from" in args:  # this process was a successor itself
+            at = args.index("--handover-from")
+            del args[at : at + 2]
+        argv = [sys.executable, "-m", "stablenet", *args]
+        argv += ["--handover-from", str(self.handover_path)]
+        try:
+            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        except OSError as exc:
+            logger.error("SIGHUP: cannot start a successor: %s", exc)
+            return
+        logger.info("SIGHUP: started successor pid %d", child.pid)
+        # Reap it if it fails before we exit; once we exit, it is reparented and serves on.
+        threading.Thread(target=child.wait, name="successor", daemon=True).start()
 
 
 def install_signal_handlers(daemon: Daemon, main: asyncio.Task[Any]) -> None:
@@ -251,24 +417,37 @@ def install_signal_handlers(daemon: Daemon, main: asyncio.Task[Any]) -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGHUP, daemon.start_successor)
 
 
-async def serve(config: Config) -> None:
-    """Run a daemon for this config until a signal stops it."""
+async def serve(config: Config, handover_from: str | None = None) -> None:
+    """Run a daemon for this config until a signal stops it. A stablenet already running with
+    this config (or the one named by ``handover_from``, SIGHUP's) hands its sockets over."""
     raise_descriptor_limit()  # before the proxy derives its connection budget from it
-    daemon = Daemon(config)
+    path = (
+        Path(handover_from)
+        if handover_from
+        else path_for(config.controller.state_dir, config.admin.listen)
+    )
+    try:
+        predecessor = take_over(path, required=handover_from is not None)
+    except (OSError, ValueError, KeyError) as exc:
+        raise StartupError(f"cannot take over from the stablenet at {path}: {exc}") from None
+    sockets = Sockets(predecessor.sockets if predecessor is not None else from_systemd())
+    sockets.prebind(static_listeners(config))  # the kernel queues connections from now on
+    daemon = Daemon(config, sockets=sockets)
     main = asyncio.current_task()
     assert main is not None
     install_signal_handlers(daemon, main)
-    await daemon.run()
+    await daemon.run(predecessor)
 
 
-def run(config: Config) -> None:
+def run(config: Config, handover_from: str | None = None) -> None:
     """Run ``serve`` on uvloop when available, else on the default loop."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, handover_from))
         return
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(config))
+        runner.run(serve(config, handover_from))

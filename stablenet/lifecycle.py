@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+import socket
+from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any, Self
 
@@ -15,11 +16,20 @@ from mypy_extensions import mypyc_attr
 
 logger = logging.getLogger(__name__)
 
+SocketSource = Callable[[str, str, int], socket.socket | None]
+"""(kind "tcp"|"udp", host, port) -> a bound socket to serve on, or None to bind as usual
+(sockets.Sockets.take: bound early, or inherited from the stablenet this one took over from)."""
+
+
+def own_socket(kind: str, host: str, port: int) -> socket.socket | None:
+    return None
+
 
 @mypyc_attr(allow_interpreted_subclasses=True)  # compiled with the proxy; the others subclass it
 class Server:
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[None]] = set()
+        self.sockets: SocketSource = own_socket
 
     async def start(self) -> None:
         raise NotImplementedError

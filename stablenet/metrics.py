@@ -39,7 +39,9 @@ class Collector:
         proxy: Proxy | None = None,
         controller: Controller | None = None,
         extra: Sequence[Callable[[], Iterable[Metric]]] = (),
+        ready: Callable[[], float | None] | None = None,
     ) -> None:
+        self._ready = ready
         self._registry = registry
         self._controller = controller
         self._extra = extra
@@ -50,6 +52,13 @@ class Collector:
 
     def collect(self) -> Iterable[Metric]:
         yield from self._registry_metrics()
+        ready = self._ready() if self._ready is not None else None
+        if ready is not None:
+            yield GaugeMetricFamily(
+                "stablenet_ready_seconds",
+                "Seconds from this process's start to serving (synced, listeners accepting).",
+                value=ready,
+            )
         if self._source is not None:
             yield from self._source_metrics(self._source.stats)
         if self._health is not None:

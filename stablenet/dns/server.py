@@ -206,13 +206,23 @@ class DnsServer(Server):
     async def _bind(self, host: str, port: int, entry: str) -> None:
         loop = asyncio.get_running_loop()
         try:
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: _UdpProtocol(self), local_addr=(host, port), reuse_port=False
-            )
+            udp = self.sockets("udp", host, port)  # bound early or inherited, else here
+            if udp is not None:
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: _UdpProtocol(self), sock=udp
+                )
+            else:
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: _UdpProtocol(self), local_addr=(host, port), reuse_port=False
+                )
             self._udp.append(transport)
-            server = await asyncio.start_server(
-                self.tcp, host, port, reuse_address=True, backlog=256
-            )
+            tcp = self.sockets("tcp", host, port)
+            if tcp is not None:
+                server = await asyncio.start_server(self.tcp, sock=tcp, backlog=256)
+            else:
+                server = await asyncio.start_server(
+                    self.tcp, host, port, reuse_address=True, backlog=256
+                )
             self._tcp.append(server)
         except OSError as exc:
             raise StartupError(

@@ -325,6 +325,8 @@ class ClientConnection:
         parser = self.parser
         ex.method = parser.get_method().decode("ascii", "replace")
         keep = parser.should_keep_alive()
+        if keep and self.dispatcher.closing:
+            keep = False  # draining: this answer says Connection: close, then the connection ends
         ex.keep_alive = keep
         if keep and (ex.conn_tokens is None or b"keep-alive" not in ex.conn_tokens):
             ex.version = "1.1"  # only HTTP/1.1 is kept alive without asking (llhttp's rule)

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 SWEEP_INTERVAL = 0.25  # seconds between timeout sweeps
 DRAIN_GRACE = 10.0  # seconds in-flight requests get to finish on shutdown
+DRAIN_IDLE = 1.0  # seconds a kept-alive connection may stay quiet while draining, then closed
 
 DynamicKey = tuple[str, str, str, int]  # service, kind, host, port
 StableHook = Callable[[dict[str, tuple[str, ...]]], None]
@@ -94,6 +95,7 @@ class Proxy(Server):
         self._dynamic_lock = asyncio.Lock()
         self.loop = asyncio.get_event_loop()
         self.bound: list[tuple[str, int]] = []  # actual addresses, in listener order
+        self.keep_addresses = False  # a successor serves on them: leave them on the interface
 
     def count(self, service: str | None) -> Counters:
         """The service's counters (``None``: requests no service took)."""
@@ -144,14 +146,15 @@ class Proxy(Server):
             assert service is not None
             return TcpClient(self.dispatcher, service)
 
+        factory = http_factory if listener.kind == "http" else tcp_factory
         try:
-            server = await self.loop.create_server(
-                http_factory if listener.kind == "http" else tcp_factory,
-                listener.host,
-                listener.port,
-                reuse_address=True,
-                backlog=1024,
-            )
+            sock = self.sockets("tcp", listener.host, listener.port)  # bound early or inherited
+            if sock is not None:
+                server = await self.loop.create_server(factory, sock=sock, backlog=1024)
+            else:
+                server = await self.loop.create_server(
+                    factory, listener.host, listener.port, reuse_address=True, backlog=1024
+                )
         except OSError as exc:
             raise StartupError(
                 f"{listener.key}: cannot listen on {listener.host}:{listener.port}: "
@@ -284,15 +287,18 @@ class Proxy(Server):
         for server in self._servers:
             server.close()
         clients = dispatcher.clients
-        for conn in list(clients):
-            if not conn.queue and conn.transport is not None:
-                conn.transport.close()  # idle keep-alive connection
-        deadline = self.loop.time() + DRAIN_GRACE
+        began = self.loop.time()
+        deadline = began + DRAIN_GRACE
         while (clients or dispatcher.tcp_clients) and self.loop.time() < deadline:
-            await asyncio.sleep(0.05)  # noqa: ASYNC110 - bounded drain, no event to wait on
+            # A request on a kept-alive connection is answered with Connection: close (client
+            # .py); a connection quiet for DRAIN_IDLE since the drain began is closed, so a
+            # client is not cut off just as it sends its next request.
+            quiet = self.loop.time() - DRAIN_IDLE
             for conn in list(clients):
                 if not conn.queue and conn.transport is not None:
-                    conn.transport.close()
+                    if max(conn.idle_since, began) <= quiet:
+                        conn.transport.close()
+            await asyncio.sleep(0.05)  # noqa: ASYNC110 - bounded drain, no event to wait on
         for conn in list(clients):
             if conn.transport is not None:
                 conn.transport.abort()
@@ -305,7 +311,7 @@ class Proxy(Server):
             with contextlib.suppress(Exception):
                 await server.wait_closed()
         self._servers.clear()
-        for host in self._added:
+        for host in self._added if not self.keep_addresses else ():
             await vip.remove(host)
         self._added.clear()
 
