@@ -574,3 +574,32 @@ async def test_heal_restart_restarts_in_place(harness: Harness) -> None:
 
 def _running_ids(harness: Harness, service: str) -> list[str]:
     return [c.id for c in harness.members(service, all=False)]
+
+
+async def test_a_compose_recreation_keeps_the_count_and_touches_nothing(harness: Harness) -> None:
+    """docker compose up recreating a container: the new one is created (naming the old one in
+    com.docker.compose.replace) before the old one is stopped and removed, then renamed and
+    started. Neither a lower count nor a spare replica may come of it."""
+    svc = harness.containers.name("cmp")
+    ctl = await harness.start()
+    old = harness.containers.run("cmp", labels=labels(svc, **{"stablenet.replicas": "2"}))
+    await harness.settle(at_count(svc, 2, 2), 30)
+    before = dict(ctl.actions)
+    replica = next(c for c in harness.members(svc) if c.id != old.id)
+    new = harness.client.containers.create(
+        harness.containers.image,
+        HTTPD,
+        name=f"{old.id[:12]}_{old.name}",
+        labels=labels(svc, **{"stablenet.replicas": "2", "com.docker.compose.replace": old.name}),
+    )
+    harness.containers.created.append(str(new.id))
+    old.stop(timeout=1)
+    old.remove()
+    new.rename(old.name)
+    new.start()
+    await harness.settle(lambda c: at_count(svc, 2, 2)(c) and c.passes > 0, 30)
+    passes = ctl.passes
+    await harness.settle(lambda c: c.passes >= passes + 3 and at_count(svc, 2, 2)(c), 20)
+    assert sorted(c.id for c in harness.members(svc)) == sorted([new.id, replica.id])
+    assert dict(ctl.actions) == before  # nothing created, nothing removed
+    assert ctl.status[svc].desired == 2

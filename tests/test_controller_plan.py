@@ -267,12 +267,13 @@ def test_surplus_removes_stablenet_replicas_first_and_never_an_operators_unstart
     """docker compose up recreating a container: the new one, created but not yet started,
     is the operator's work in progress: not counted, never removed."""
     replicas = (
-        rep("compose", created=NOW - 900),
+        rep("compose", created=NOW - 900, status="exited", ready=False, held=True, replaced=True),
         rep("ours-old", created=NOW - 800, ours=True),
         rep("new", created=NOW - 1, status="created", ready=False),
     )
     assert decide(view(*replicas, desired=2), NOW, 10) == []
     more = (*replicas, rep("ours-new", created=NOW - 100, ours=True))
+    # Not ours and not started: never the one removed.
     assert decide(view(*more, desired=2), NOW, 10) == [
         Shrink("ours-new", "3 replicas for a count of 2")
     ]

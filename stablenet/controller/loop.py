@@ -84,6 +84,7 @@ _RECONNECT_CAP = 5.0
 _LOCK_POLL = 2.0
 _DRAIN_POLL = 0.05
 _NAME_TRIES = 50
+_PROBATION = 10.0  # seconds a new replica must stay up to count as a good replacement
 
 
 def never_busy(cid: str) -> int:
@@ -182,6 +183,9 @@ class Controller:
         self.requests = requests  # a service's requests so far (a counter)
         self._scalers: dict[str, Scaler] = {}
         self._wanted: set[str] = set()  # autoscaled services asked for with nothing ready
+        # New replicas that got ready, until they have stayed up for _PROBATION: one that fails
+        # sooner is a failed replacement for the breaker.
+        self._probation: dict[str, tuple[str, float]] = {}
         # Containers (id or name) a new one from docker compose replaces (its label
         # com.docker.compose.replace): their removal lowers no count.
         self._replaced_by_compose: set[str] = set()
@@ -424,7 +428,9 @@ class Controller:
             for mapping in (self._failed, self._exited, self._unhealthy_since, self._inspects):
                 mapping.pop(cid, None)
             # Compose names the container it replaces by id, name or "<service>-<n>".
-            successor = {cid, name} | {v for v in self._replaced_by_compose if name.endswith(v)}
+            successor = {cid, name} | {
+                v for v in self._replaced_by_compose if name.endswith("-" + v)
+            }
             if successor & self._replaced_by_compose:
                 self._replaced_by_compose -= successor  # its successor already counts
             elif operator:
@@ -456,6 +462,14 @@ class Controller:
             if cid in self._confirmed and cid in members
         }
         self.state.killed = sorted(cid for cid in self._operator_kill if cid in members)
+
+    def _being_replaced(self, m: _Member) -> bool:
+        """Whether docker compose is replacing this container with a new one (which names
+        it, by id, name or ``<service>-<n>``, in its com.docker.compose.replace label)."""
+        gone = self._replaced_by_compose
+        if not gone or m.labels.get(COMPOSE + "replace"):  # the successor itself
+            return False
+        return m.id in gone or any(m.name == v or m.name.endswith("-" + v) for v in gone)
 
     def _stops(self, cid: str, signal: str) -> bool:
         """Whether a kill with ``signal`` stops the container: a stopping signal (TERM, KILL,
@@ -514,6 +528,12 @@ class Controller:
             except Exception:  # one service's bug must not stop the others being kept
                 logger.exception("controller: service %s could not be reconciled", service)
         self._remember(members)
+        for cid, (name, since) in list(self._probation.items()):
+            kept = members.get(cid)
+            if kept is None or time.monotonic() - since >= _PROBATION:
+                del self._probation[cid]
+                if kept is not None and kept.status == "running":
+                    self.state.service(name).failed_replacements = 0
         for gone in set(self._inspects) - set(members):
             self._inspects.pop(gone, None)
         self._save()
@@ -541,9 +561,10 @@ class Controller:
         member.status = str((inspect.get("State") or {}).get("Status") or "exited")
         why = self._failed[member.id]
         self._confirmed.add(member.id)
+        replacement = self._probation.pop(member.id, None) is not None
         logger.warning("controller: %s (service %s) %s", member.name, member.service, why)
         self._note(member.service, member.name, f"failed: {why}")
-        self._count_failure(member.service, why)
+        self._count_failure(member.service, why, replacement)
 
     async def _reconcile_service(
         self, engine: Engine, service: str, group: list[_Member], snap: Snapshot, now: float
@@ -708,6 +729,7 @@ class Controller:
             started=m.status != "created",
             busy=m.id in self._acting,
             parked=not starting and m.id in svc.parked and m.status in ("exited", "dead"),
+            replaced=self._being_replaced(m),
         )
 
     def _ready(self, m: _Member, snap: Snapshot) -> bool:
@@ -922,7 +944,8 @@ class Controller:
                 why = "was removed before it was ready"
                 break
             if self._ready(member, self.registry.snapshot):
-                self.state.service(service).failed_replacements = 0
+                # On probation: it counts as a good replacement once it has stayed up a while.
+                self._probation[cid] = (service, time.monotonic())
                 return f"ready in {time.monotonic() - began:.2f}s"
             if member.status in ("exited", "dead"):
                 code = self._exited.get(cid)

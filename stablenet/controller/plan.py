@@ -39,6 +39,7 @@ class Replica:
     started: bool = True  # False: created by stablenet and never started
     busy: bool = False  # an operation is acting on it
     parked: bool = False  # stopped by the autoscaler; started again before creating
+    replaced: bool = False  # a new container from docker compose is taking its place
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,14 +105,13 @@ Action = Start | Heal | Grow | Shrink | Park | Discard
 def counted(view: View) -> list[Replica]:
     """The replicas that fill the count: live ones, those an operation is still acting on (a
     new replica that exited before its operation judged it), and those the operator stopped;
-    not parked ones, nor one the operator created and has not started yet (docker compose up
-    recreating a container)."""
+    not parked ones, nor one docker compose is replacing (its successor counts)."""
     return [
         r
         for r in view.replicas
         if ((r.failed is None and (r.status in LIVE or r.busy)) or r.held)
         and not r.parked
-        and not (r.status == "created" and not r.ours)
+        and not r.replaced
     ]
 
 
