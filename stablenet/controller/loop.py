@@ -509,6 +509,8 @@ class Controller:
         for member in members.values():
             if member.id in self._failed and member.id not in self._confirmed:
                 await self._confirm_failure(engine, member)
+            elif member.status == "running" and member.id not in self._inspects:
+                await self._inspect(engine, member.id)  # once: its restart policy, its ports
         for service in set(self.state.services) - set(groups) - set(problems):
             if self._in_flight[service]:
                 continue
@@ -551,14 +553,21 @@ class Controller:
         """A container died on its own: a failure unless Docker's restart policy brings it
         back (then it is Docker's to handle). Its state comes from inspect, not the listing:
         right after ``die`` the listing may still say running (the engine updates it once the
-        exit is handled; inspect waits for that), and no later event would prompt a look."""
-        inspect = await engine.inspect(member.id)
-        if inspect is None:
-            return
-        if _docker_restarts(inspect):
-            self._failed.pop(member.id, None)
-            return
-        member.status = str((inspect.get("State") or {}).get("Status") or "exited")
+        exit is handled; inspect waits for that, about a second), and no later event would
+        prompt a look. A container whose restart policy is known (from an inspect taken while
+        it ran) to be ``no`` needs no look at all: its die event says enough."""
+        known = self._inspects.get(member.id)
+        policy = ((known or {}).get("HostConfig") or {}).get("RestartPolicy") or {}
+        if known is not None and (policy.get("Name") or "no") == "no":
+            member.status = "exited"
+        else:
+            inspect = await engine.inspect(member.id)
+            if inspect is None:
+                return
+            if _docker_restarts(inspect):
+                self._failed.pop(member.id, None)
+                return
+            member.status = str((inspect.get("State") or {}).get("Status") or "exited")
         why = self._failed[member.id]
         self._confirmed.add(member.id)
         replacement = self._probation.pop(member.id, None) is not None
