@@ -102,11 +102,13 @@ Action = Start | Heal | Grow | Shrink | Park | Discard
 
 
 def counted(view: View) -> list[Replica]:
-    """The replicas that fill the count: live ones and those the operator stopped."""
+    """The replicas that fill the count: live ones, those the operator stopped, and a parked
+    one being started (listed as stopped until its start returns)."""
     return [
         r
         for r in view.replicas
-        if ((r.status in LIVE and r.failed is None) or r.held) and not r.parked
+        if (((r.status in LIVE and r.failed is None) or r.held) and not r.parked)
+        or (r.parked and r.busy)
     ]
 
 
