@@ -720,7 +720,7 @@ COLOURS = ("#1f77b4", "#d62728", "#7f7f7f", "#2ca02c", "#9467bd")
 
 def svg(results: list[dict[str, Any]], note: str) -> str:
     """Ready replicas over time per run (steps), the offered load (grey area), phase edges."""
-    width, height, left, right, top, bottom = 960, 420, 56, 64, 30, 64
+    width, height, left, right, top, bottom = 960, 440, 56, 64, 48, 64
     end = float(max(s["t"] for r in results for s in r["samples"]))
     top_count = max(max((s["ready"] for s in r["samples"]), default=1) for r in results) + 1
     top_rate = float(max(p["rate"] for p in results[0]["phases"])) * 1.25
@@ -769,7 +769,8 @@ def svg(results: list[dict[str, Any]], note: str) -> str:
         parts.append(
             f'<line x1="{x(p["start_s"]):.1f}" x2="{x(p["start_s"]):.1f}" y1="{top}" '
             f'y2="{height - bottom}" stroke="#bbbbbb" stroke-dasharray="3,3"/>'
-            f'<text x="{x(p["start_s"]) + 3:.1f}" y="{top - 8}">{name}</text>'
+            f'<text x="{x(p["start_s"]) + 3:.1f}" y="{top - 8 - 10 * (len(shown) % 2 == 0)}">'
+            f"{name}</text>"
         )
     for t in range(0, int(end) + 1, 30):
         parts.append(
@@ -799,7 +800,7 @@ def svg(results: list[dict[str, Any]], note: str) -> str:
             f'<text x="{left + 10 + 150 * i}" y="{height - 12}" fill="{colour}">— {r["run"]}</text>'
         )
     parts.append(
-        f'<text x="{width - right}" y="{height - 12}" text-anchor="end" '
+        f'<text x="{width - right}" y="12" text-anchor="end" '
         f'fill="#666666">{note}</text>'
     )
     parts.append("</svg>")
@@ -868,6 +869,7 @@ async def main() -> None:
         sample=args.sample,
     )
     prefix = f"as{uuid.uuid4().hex[:6]}"
+    load_before = os.getloadavg()
     backend = Backend(args.cap, args.work_ms)
     results = []
     try:
@@ -891,11 +893,15 @@ async def main() -> None:
     print(timeline_table(results, 10.0))
     RESULTS.mkdir(exist_ok=True)
     loadavg = os.getloadavg()
-    note = args.note or f"2 cores shared, load average {loadavg[0]:.1f} at the end"
+    note = args.note or (
+        f"{os.cpu_count()} cores shared with other work; load average {load_before[0]:.1f} "
+        f"at the start, {loadavg[0]:.1f} at the end"
+    )
     (RESULTS / "autoscale.svg").write_text(svg(results, note))
     out = {
         "settings": asdict(settings),
         "container": readiness,
+        "loadavg_start": load_before,
         "loadavg_end": loadavg,
         "runs": results,
     }
