@@ -799,10 +799,7 @@ def svg(results: list[dict[str, Any]], note: str) -> str:
         parts.append(
             f'<text x="{left + 10 + 150 * i}" y="{height - 12}" fill="{colour}">— {r["run"]}</text>'
         )
-    parts.append(
-        f'<text x="{width - right}" y="12" text-anchor="end" '
-        f'fill="#666666">{note}</text>'
-    )
+    parts.append(f'<text x="{width - right}" y="12" text-anchor="end" fill="#666666">{note}</text>')
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
 
