@@ -3,6 +3,7 @@ the state directory. No engine, no sockets."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,16 @@ def test_a_new_replica_that_exited_before_its_operation_judged_it_still_counts()
 def test_a_replica_left_unstarted_is_started_not_duplicated() -> None:
     unstarted = rep("b", status="created", ready=False, ours=True, started=False)
     assert decide(view(rep("a"), unstarted), NOW, 10) == [Start("b", "created but never started")]
+
+
+def test_a_parked_replica_being_started_counts_so_no_second_one_is_started() -> None:
+    older = rep("a", status="exited", ready=False, parked=True)
+    newer = rep("b", status="exited", ready=False, parked=True, created=NOW - 50)
+    first = decide(view(older, newer, desired=1, park=True), NOW, 10)
+    assert first == [Start("b", "0 of 1 replicas: start a parked one")]
+    # A pass while the start runs (0 of 1 ready: urgent) still lists it stopped: it counts.
+    starting = dataclasses.replace(newer, busy=True)
+    assert decide(view(older, starting, desired=1, park=True, in_flight=1), NOW, 10) == []
 
 
 def test_backoff_doubles_from_the_second_failure_and_is_capped() -> None:

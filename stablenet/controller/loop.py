@@ -651,7 +651,16 @@ class Controller:
     ) -> int:
         """The count the autoscaler recommends now; a change is an event with its reason."""
         now = time.monotonic()
-        current = sum(1 for r in replicas if r.status in LIVE and not r.failed and not r.parked)
+        # A replica being parked runs until it has drained, but no longer counts: counted, it
+        # would turn the step down just taken back into a step up.
+        current = sum(
+            1
+            for r in replicas
+            if r.status in LIVE
+            and not r.failed
+            and not r.parked
+            and self._acting.get(r.id) != "park"
+        )
         ready = sum(1 for r in replicas if r.ready)
         scaler = self._scalers.get(service)
         if scaler is None or scaler.spec != spec:

@@ -104,14 +104,15 @@ Action = Start | Heal | Grow | Shrink | Park | Discard
 
 def counted(view: View) -> list[Replica]:
     """The replicas that fill the count: live ones, those an operation is still acting on (a
-    new replica that exited before its operation judged it), and those the operator stopped;
-    not parked ones, nor one docker compose is replacing (its successor counts)."""
+    new replica that exited before its operation judged it, or a parked one being started,
+    listed as stopped until its start returns), and those the operator stopped; not parked
+    ones, nor one docker compose is replacing (its successor counts)."""
     return [
         r
         for r in view.replicas
-        if ((r.failed is None and (r.status in LIVE or r.busy)) or r.held)
-        and not r.parked
-        and not r.replaced
+        if (((r.failed is None and (r.status in LIVE or r.busy)) or r.held) and not r.parked)
+        or (r.parked and r.busy)
+        if not r.replaced
     ]
 
 
