@@ -8,6 +8,7 @@ import itertools
 import pytest
 
 from stablenet.health.state import (
+    FIRST_SECOND_INTERVAL,
     STARTING_INTERVAL,
     EndpointHealth,
     Health,
@@ -120,8 +121,9 @@ def test_passive_ejection_off() -> None:
 
 def test_starting_endpoints_are_checked_often_during_grace() -> None:
     h = machine(start_grace=20.0)
-    assert h.next_check(2.0, now=0.0) == STARTING_INTERVAL
+    assert h.next_check(2.0, now=0.0) == FIRST_SECOND_INTERVAL
     h.check_result(False, "refused", now=0.0)
+    assert h.next_check(2.0, now=0.5) == 0.5 + FIRST_SECOND_INTERVAL  # its first second
     assert h.next_check(2.0, now=1.0) == 1.0 + STARTING_INTERVAL
     assert h.next_check(2.0, now=30.0) == 32.0
     h.check_result(True, "ok", now=31)

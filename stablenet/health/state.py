@@ -30,6 +30,9 @@ from dataclasses import dataclass
 logger = logging.getLogger(__name__)
 
 STARTING_INTERVAL = 0.25  # seconds between checks of an endpoint that has never passed
+# ... and in its first second: a container started from scratch (a cold start, a replacement)
+# usually listens within it, and each check saved is latency for the requests held meanwhile.
+FIRST_SECOND_INTERVAL = 0.05
 
 
 class Health(enum.Enum):
@@ -193,5 +196,7 @@ class EndpointHealth:
         if self.health is Health.UNKNOWN and (
             self.first_check is None or now - self.first_check < self.limits.start_grace
         ):
+            if self.first_check is None or now - self.first_check < 1.0:
+                return now + min(interval, FIRST_SECOND_INTERVAL)
             return now + min(interval, STARTING_INTERVAL)
         return now + interval
