@@ -395,7 +395,7 @@ def test_image_builds_and_serves(containers: Containers, tmp_path: Path) -> None
         assert probe["request_path"] == "compiled (mypyc)", probe
         assert probe["tools"] == [] and probe["modules"] == [], probe
 
-        port = free_port()
+        port, proxy_port = free_port(), free_port()
         daemon = client.containers.run(
             image.id,
             name=containers.name("daemon"),
@@ -405,7 +405,7 @@ def test_image_builds_and_serves(containers: Containers, tmp_path: Path) -> None
             environment={
                 "STABLENET_ADMIN_LISTEN": f"127.0.0.1:{port}",
                 "STABLENET_DNS_ENABLED": "false",
-                "STABLENET_PROXY_ENABLED": "false",
+                "STABLENET_PROXY_LISTEN": f"127.0.0.1:{proxy_port}",
             },
         )
         containers.created.append(str(daemon.id))
@@ -432,6 +432,20 @@ def test_image_builds_and_serves(containers: Containers, tmp_path: Path) -> None
         [endpoint] = body["endpoints"]
         assert endpoint["id"] == web.id
         assert endpoint["address"] == ip_of(web) and endpoint["port"] == 80
+
+        # A request through the image's proxy: the compiled request path serves.
+        def proxied() -> bytes | None:
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{proxy_port}/",
+                headers={"Host": f"{service}.stablenet.internal"},
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    return bytes(response.read()) if response.status == 200 else None
+            except (urllib.error.URLError, OSError):
+                return None
+
+        assert wait_for("the proxy did not answer for the service", proxied, 30, logs) == b"ok\n"
         _, everything = get_json(admin + "/v1/services")
         assert daemon.id not in {e["id"] for s in everything["services"] for e in s["endpoints"]}
 
