@@ -9,6 +9,12 @@
 # (NET_ADMIN). Works on the official python:3.11-slim (Python in /usr/local) and on a plain
 # Debian root with python3 and python3-venv (Python in /usr): stablenet lives in its own venv.
 #
+# Two stages. "build" has the C toolchain and mypyc: it installs stablenet into a venv in
+# /opt/stablenet, compiles the proxy's request path (stablenet.native.COMPILED) with
+# scripts/native.py into that venv's site-packages/.native, and fails unless the compiled modules
+# load. The final stage starts again from the slim base and copies only that venv: the package,
+# its dependencies and the compiled modules; no compiler, headers, mypy, setuptools or pip.
+#
 # pip uses its defaults (PyPI). To build from a mirror, or offline from a wheelhouse put in
 # ./wheels (see README), pass the usual pip settings as build arguments, e.g.
 #   --build-arg PIP_INDEX_URL=https://mirror.example/simple
@@ -20,16 +26,37 @@ ARG PIP_EXTRA_INDEX_URL
 ARG PIP_NO_INDEX
 ARG PIP_FIND_LINKS
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore
-# .dockerignore lets in only the package sources, the README, the default config and wheels/.
+# gcc and libc6-dev compile mypyc's C. Python.h: the official image has it in /usr/local; Debian's
+# python3 (the plain Debian root) needs libpython3-dev.
+RUN include=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])') \
+    && headers=$([ -e "$include/Python.h" ] || echo libpython3-dev) \
+    && apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        gcc libc6-dev $headers \
+    && rm -rf /var/lib/apt/lists/*
+# .dockerignore lets in only the package sources, the README, the default config,
+# scripts/native.py and wheels/.
 COPY . /src
+# mypy and setuptools go into a venv of their own that sees the installed package through a .pth
+# file, so they never enter /opt/stablenet; pip and setuptools, which stablenet does not use at
+# run time, leave it once stablenet is installed.
 RUN python3 -m venv /opt/stablenet \
     && /opt/stablenet/bin/python -m pip install /src \
-    && /opt/stablenet/bin/stablenet version
+    && python3 -m venv /opt/mypyc \
+    && /opt/mypyc/bin/python -m pip install 'mypy>=1.10' 'setuptools>=68' \
+    && purelib='import sysconfig; print(sysconfig.get_paths()["purelib"])' \
+    && /opt/stablenet/bin/python -c "$purelib" > "$(/opt/mypyc/bin/python -c "$purelib")/stablenet.pth" \
+    && /opt/mypyc/bin/python /src/scripts/native.py --force \
+    && /opt/stablenet/bin/python -m pip uninstall --yes --quiet pip setuptools \
+    && /opt/stablenet/bin/stablenet version | tee /dev/stderr | grep -q 'request path: compiled'
 
 FROM python:3.11-slim
-# iproute2: `ip`, which the proxy uses to put its virtual address on lo.
+# iproute2: `ip`, which the proxy uses to put its virtual address on lo. apt-get clean drops the
+# downloaded packages and apt's caches, which a plain Debian root (unlike the official image)
+# keeps.
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends iproute2 \
+    && apt-get clean \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/stablenet /opt/stablenet
 COPY config/stablenet.toml /etc/stablenet/stablenet.toml

@@ -31,6 +31,7 @@ import docker.errors
 import pytest
 import yaml
 
+from stablenet import native
 from stablenet.registry import Registry
 from tests.helpers import Containers, free_port, ip_of, off_loop, until
 
@@ -47,6 +48,22 @@ DEFAULT_MIRROR = "http://deb.debian.org/debian"
 IMAGE = "stablenet-test/stablenet:latest"
 BUILD_STAGE = "stablenet-test/stablenet:build"
 LOCK = Path(tempfile.gettempdir()) / "stablenet-python-base.lock"
+# Run inside the image: what runs the request path, which compiled modules it holds, and which
+# build tools reached the final stage (none should).
+PROBE = """
+import importlib.util, json, shutil
+import stablenet.proxy.client
+from stablenet import native
+print(json.dumps({
+    "request_path": native.describe(),
+    "compiled": sorted(
+        p.relative_to(native.BUILD / "stablenet").as_posix().split(".")[0]
+        for p in native.BUILD.rglob("*.so")
+    ),
+    "tools": [t for t in ("gcc", "cc", "x86_64-linux-gnu-gcc") if shutil.which(t)],
+    "modules": [m for m in ("mypy", "mypyc", "setuptools", "pip") if importlib.util.find_spec(m)],
+}))
+"""
 
 
 # --- Compose ------------------------------------------------------------------------------------
@@ -266,10 +283,13 @@ def build_context(dest: Path) -> dict[str, str]:
     shutil.copytree(
         ROOT / "stablenet", dest / "stablenet", ignore=shutil.ignore_patterns("__pycache__")
     )
-    (dest / "config").mkdir()
-    shutil.copy2(ROOT / "config" / "stablenet.toml", dest / "config" / "stablenet.toml")
+    for name in ("config/stablenet.toml", "scripts/native.py"):
+        (dest / name).parent.mkdir(exist_ok=True)
+        shutil.copy2(ROOT / name, dest / name)
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    wanted = [*meta["build-system"]["requires"], "wheel", *meta["project"]["dependencies"]]
+    # The build stage's compiler: mypy at the version the test tools ask for.
+    [mypy] = [r for r in meta["project"]["optional-dependencies"]["test"] if r.startswith("mypy>")]
+    wanted = [*meta["build-system"]["requires"], "wheel", mypy, *meta["project"]["dependencies"]]
     result = subprocess.run(
         [sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(dest / "wheels")]
         + ["--only-binary=:all:", "--python-version", "3.11", *wanted],
@@ -349,11 +369,33 @@ def test_image_builds_and_serves(containers: Containers, tmp_path: Path) -> None
         started = time.monotonic()
         image = build_image(client, tmp_path, build_context(tmp_path))
         build_seconds = time.monotonic() - started
-        print(f"base {BASE_IMAGE}: {base}, {base_seconds:.0f} s; image build {build_seconds:.0f} s")
+        print(
+            f"base {BASE_IMAGE}: {base}, {base_seconds:.0f} s; image build {build_seconds:.0f} s,"
+            f" {image.attrs['Size'] / 1e6:.0f} MB"
+        )
         assert image.labels.get("stablenet.enable") == "false"
         assert image.attrs["Config"]["Entrypoint"] == ["stablenet"]
 
-        port = free_port()
+        # The final stage runs the compiled request path and carries no build tools.
+        version = client.containers.run(
+            image.id, ["version"], name=containers.name("version"), remove=True
+        ).decode()
+        assert "request path: compiled (mypyc)" in version, version
+        probe = json.loads(
+            client.containers.run(
+                image.id,
+                ["-c", PROBE],
+                entrypoint=["python3"],
+                name=containers.name("probe"),
+                remove=True,
+            )
+        )
+        expected = {name.removesuffix(".py") for name in native.COMPILED}
+        assert set(probe["compiled"]) == expected | {native.LIBRARY.rsplit(".", 1)[1]}, probe
+        assert probe["request_path"] == "compiled (mypyc)", probe
+        assert probe["tools"] == [] and probe["modules"] == [], probe
+
+        port, proxy_port = free_port(), free_port()
         daemon = client.containers.run(
             image.id,
             name=containers.name("daemon"),
@@ -363,7 +405,7 @@ def test_image_builds_and_serves(containers: Containers, tmp_path: Path) -> None
             environment={
                 "STABLENET_ADMIN_LISTEN": f"127.0.0.1:{port}",
                 "STABLENET_DNS_ENABLED": "false",
-                "STABLENET_PROXY_ENABLED": "false",
+                "STABLENET_PROXY_LISTEN": f"127.0.0.1:{proxy_port}",
             },
         )
         containers.created.append(str(daemon.id))
@@ -375,6 +417,7 @@ def test_image_builds_and_serves(containers: Containers, tmp_path: Path) -> None
         wait_for(
             "/readyz did not answer 200", lambda: get_json(admin + "/readyz")[0] == 200, 60, logs
         )
+        assert "request path: compiled (mypyc)" in daemon.logs().decode(errors="replace")
 
         service = f"{containers.prefix}-img"
         web = containers.run(
@@ -389,6 +432,20 @@ def test_image_builds_and_serves(containers: Containers, tmp_path: Path) -> None
         [endpoint] = body["endpoints"]
         assert endpoint["id"] == web.id
         assert endpoint["address"] == ip_of(web) and endpoint["port"] == 80
+
+        # A request through the image's proxy: the compiled request path serves.
+        def proxied() -> bytes | None:
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{proxy_port}/",
+                headers={"Host": f"{service}.stablenet.internal"},
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    return bytes(response.read()) if response.status == 200 else None
+            except (urllib.error.URLError, OSError):
+                return None
+
+        assert wait_for("the proxy did not answer for the service", proxied, 30, logs) == b"ok\n"
         _, everything = get_json(admin + "/v1/services")
         assert daemon.id not in {e["id"] for s in everything["services"] for e in s["endpoints"]}
 
