@@ -72,6 +72,7 @@ import docker.errors
 
 from benchmarks.admin import follow_events
 from stablenet.docker.networks import engine_networks
+from stablenet.proxy import vip
 from tests.helpers import HTTPD, ensure_image, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -355,6 +356,13 @@ class Stablenet:
             stderr=subprocess.STDOUT,
         )
         await self.wait_whole(replicas, len(replicas.containers))
+        # Nothing goes to the virtual address before it is on this machine: the admin API
+        # can answer a moment before the proxy has added it and listens on it.
+        async with asyncio.timeout(30):
+            while True:
+                if await vip.is_local(VIP):
+                    break
+                await asyncio.sleep(0.05)
 
     async def ready_ips(self, http: aiohttp.ClientSession) -> set[str]:
         try:

@@ -226,7 +226,8 @@ class Daemon:
         return {name: status.desired for name, status in self.controller.status.items()}
 
     def listeners(self) -> list[contextlib.AbstractAsyncContextManager[Any]]:
-        """Servers in start order; they close in reverse (admin first, so it closes last)."""
+        """The admin API, then the data path (DNS, proxy, virtual addresses). The data path
+        starts first and closes first; the admin API starts once it serves, closes last."""
         servers: list[contextlib.AbstractAsyncContextManager[Any]] = [self.admin]
         if self.dns is not None:
             servers.append(self.dns)
@@ -326,12 +327,16 @@ class Daemon:
                 "not synced with the Docker Engine within %gs: serving what is known",
                 READY_TIMEOUT,
             )
-        async with contextlib.AsyncExitStack() as listeners:
+        # The admin API starts after the data path (its /readyz and services mean "serving")
+        # and closes after it (the drain stays observable).
+        async with contextlib.AsyncExitStack() as admin, contextlib.AsyncExitStack() as listeners:
             try:
-                for listener in self.listeners():
+                servers = self.listeners()
+                for listener in servers[1:]:
                     await listeners.enter_async_context(listener)
                 if self.proxy is not None:
                     await self.proxy.sync_listeners()  # takes inherited label listeners
+                await admin.enter_async_context(servers[0])
             except StartupError:
                 if predecessor is not None:
                     predecessor.abandon()
