@@ -1,0 +1,201 @@
+"""Proxy workers (workers.py): with proxy.workers = 2, requests through the proxy land on both
+worker processes, /metrics shows their sum, and a worker killed with SIGKILL is replaced while
+requests go on succeeding. Real processes, a real engine, wrk as the client."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import docker
+import pytest
+
+from benchmarks.restarts import Bench, Wrk, replicas
+from stablenet.model import Endpoint
+from stablenet.registry import Registry, Snapshot
+from stablenet.workers import Figures, encode, snapshot_message
+from tests.test_handover import bench_metrics
+
+CONNECTIONS = 8  # wrk's: at most this many requests are in flight at a kill
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(rf"{name}(?:\{{(.*)\}})? (\S+)$", line)
+        if m and all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items()):
+            total += float(m.group(2))
+    return total
+
+
+def until_metrics(bench: Bench, check: object, within: float = 20.0) -> str:
+    deadline = time.monotonic() + within
+    while True:
+        text = bench_metrics(bench)
+        if callable(check) and check(text):
+            return text
+        if time.monotonic() > deadline:
+            raise AssertionError(f"metrics never satisfied the check:\n{text}")
+        time.sleep(0.25)  # the workers report every 0.25 s: the next report
+
+
+def worker_pids(bench: Bench) -> dict[int, int]:
+    assert bench.running is not None
+    pids: dict[int, int] = {}
+    for line in bench.running.seen:
+        if m := re.search(r"proxy worker (\d+) started: pid (\d+)", line):
+            pids[int(m.group(1))] = int(m.group(2))
+    return pids
+
+
+def test_figures_add_up_counts_not_gauges() -> None:
+    one = Figures(counters={"web": (3, 1, 0, 0, 0, 0)}, latency={"web": ([1, 2], 0.5)})
+    one.inflight = {"c1": 4}
+    two = Figures(counters={"web": (2, 0, 1, 0, 0, 0)}, latency={"web": ([0, 1], 0.25)})
+    total = Figures()
+    total.add_counts(one)
+    total.add_counts(two)
+    assert total.counters == {"web": (5, 1, 1, 0, 0, 0)}
+    assert total.latency == {"web": ([1, 3], 0.75)}
+    assert total.inflight == {}
+
+
+def test_a_snapshot_of_a_thousand_endpoints_crosses_quickly() -> None:
+    endpoints = {
+        f"c{i}": Endpoint(
+            id=f"c{i}",
+            name=f"web-{i}",
+            service=f"svc{i % 50}",
+            address=f"10.1.{i // 250}.{i % 250}",
+            port=80,
+            network="bridge",
+        )
+        for i in range(1000)
+    }
+    snap = Snapshot.build(7, endpoints, True, {})
+    began = time.perf_counter()
+    data = encode(snapshot_message(snap))
+    encoded = time.perf_counter() - began
+    registry = Registry()
+    import pickle
+
+    began = time.perf_counter()
+    _, version, eps, synced, problems, fronted = pickle.loads(data[4:])
+    registry.publish(Snapshot.build(version, eps, synced, problems, registry.prefer, fronted))
+    decoded = time.perf_counter() - began
+    print(
+        f"1000 endpoints: {len(data)} bytes, encode {encoded * 1e3:.1f} ms, "
+        f"decode+build {decoded * 1e3:.1f} ms"
+    )
+    assert registry.snapshot.version == 7
+    assert len(registry.snapshot.services) == 50
+    assert encoded + decoded < 0.5
+
+
+@pytest.mark.timeout(300)
+def test_two_workers_share_the_load_and_a_killed_one_is_replaced(
+    docker_client: docker.DockerClient,
+) -> None:
+    with tempfile.TemporaryDirectory(prefix="stablenet-workers-") as tmp:
+        bench = Bench(Path(tmp), workers=2)
+        wrk: Wrk | None = None
+        with replicas(docker_client, bench.service):
+            try:
+                bench.first()
+                first = worker_pids(bench)
+                assert sorted(first) == [0, 1]
+                # One accept queue shared by both workers: fresh connections go to whichever
+                # takes them first, so both serve.
+                served = {0: 0.0, 1: 0.0}
+                deadline = time.monotonic() + 20
+                while not all(served.values()):
+                    assert time.monotonic() < deadline, f"not both workers served: {served}"
+                    for _ in range(20):
+                        assert fresh_request(bench).startswith(b"HTTP/1.1 200")
+                    text = bench_metrics(bench)
+                    served = {
+                        i: metric(text, "stablenet_proxy_worker_requests_total", worker=str(i))
+                        for i in served
+                    }
+                wrk = Wrk(bench.proxy_port, bench.host, CONNECTIONS)
+                until_metrics(
+                    bench,
+                    lambda text: (
+                        metric(text, "stablenet_proxy_requests_total") > sum(served.values()) + 500
+                    ),
+                )
+                os.kill(first[0], signal.SIGKILL)
+                assert bench.running is not None
+                bench.running.wait_line("proxy worker 0 (pid")  # seen exiting
+                bench.running.wait_line("proxy worker 0 started")
+                replaced = worker_pids(bench)
+                assert replaced[0] != first[0] and replaced[1] == first[1]
+                # wrk's kept-alive connections all reconnected to worker 1 meanwhile: fresh
+                # connections show that the new worker 0 accepts and serves.
+                deadline = time.monotonic() + 20
+                while (
+                    metric(
+                        bench_metrics(bench), "stablenet_proxy_worker_requests_total", worker="0"
+                    )
+                    == 0
+                ):
+                    assert time.monotonic() < deadline, "the new worker 0 served nothing"
+                    for _ in range(20):
+                        assert fresh_request(bench).startswith(b"HTTP/1.1 200")
+                load = wrk.stop()
+                assert load.requests > 500
+                assert load.failed <= CONNECTIONS, load  # only what worker 0 had in flight
+
+                def all_counted(text: str) -> bool:
+                    return (
+                        metric(text, "stablenet_proxy_requests_total", service=bench.service)
+                        >= load.requests
+                    )
+
+                text = until_metrics(bench, all_counted)
+                summed = metric(text, "stablenet_proxy_requests_total", service=bench.service)
+                per_worker = metric(text, "stablenet_proxy_worker_requests_total")
+                # The sum keeps the killed worker's requests up to its last report.
+                assert summed >= per_worker > 0
+                assert metric(text, "stablenet_proxy_worker_restarts_total") == 1
+                assert metric(text, "stablenet_proxy_workers") == 2
+                ok = {"service": bench.service, "class": "2xx"}
+                responses = metric(text, "stablenet_proxy_responses_total", **ok)
+                assert responses >= load.requests - load.failed
+            finally:
+                if wrk is not None and wrk.proc.poll() is None:
+                    wrk.proc.kill()
+                    wrk.proc.wait()
+                bench.close()
+            log = (Path(tmp) / "stablenet.log").read_text()
+            assert "Traceback" not in log
+            for pid in worker_pids_in(log):
+                with pytest.raises(ProcessLookupError):
+                    os.kill(pid, 0)  # every worker exited with the main process
+
+
+def fresh_request(bench: Bench) -> bytes:
+    with socket.create_connection(("127.0.0.1", bench.proxy_port), timeout=10) as conn:
+        conn.sendall(f"GET / HTTP/1.0\r\nHost: {bench.host}\r\n\r\n".encode())
+        return conn.recv(64)
+
+
+def worker_pids_in(log: str) -> list[int]:
+    return [int(m) for m in re.findall(r"proxy worker \d+ started: pid (\d+)", log)]
+
+
+def test_a_worker_session_needs_a_hello() -> None:
+    # A worker started with a closed channel ends at once instead of serving nothing.
+    import asyncio
+
+    from stablenet.workers import work
+
+    ours, theirs = socket.socketpair()
+    ours.close()
+    asyncio.run(asyncio.wait_for(work(theirs.detach(), 0), 5))
