@@ -199,3 +199,32 @@ def test_a_worker_session_needs_a_hello() -> None:
     ours, theirs = socket.socketpair()
     ours.close()
     asyncio.run(asyncio.wait_for(work(theirs.detach(), 0), 5))
+
+
+@pytest.mark.timeout(300)
+def test_takeovers_with_workers_fail_no_request(docker_client: docker.DockerClient) -> None:
+    """The whole set restarts seamlessly: the successor's workers accept on the handed-over
+    sockets before the old ones stop."""
+    with tempfile.TemporaryDirectory(prefix="stablenet-workers-") as tmp:
+        bench = Bench(Path(tmp), workers=2)
+        wrk: Wrk | None = None
+        with replicas(docker_client, bench.service):
+            try:
+                bench.first()
+                wrk = Wrk(bench.proxy_port, bench.host, CONNECTIONS)
+                for _ in range(3):
+                    bench.take_over()
+                load = wrk.stop()
+                assert load.requests > 500
+                assert load.failed == 0, load
+            finally:
+                if wrk is not None and wrk.proc.poll() is None:
+                    wrk.proc.kill()
+                    wrk.proc.wait()
+                bench.close()
+            log = (Path(tmp) / "stablenet.log").read_text()
+            assert log.count("took over from pid") == 3
+            assert "Traceback" not in log
+            for pid in worker_pids_in(log):
+                with pytest.raises(ProcessLookupError):
+                    os.kill(pid, 0)
