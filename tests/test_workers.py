@@ -4,12 +4,14 @@ requests go on succeeding. Real processes, a real engine, wrk as the client."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import docker
@@ -102,82 +104,65 @@ def test_a_snapshot_of_a_thousand_endpoints_crosses_quickly() -> None:
 def test_two_workers_share_the_load_and_a_killed_one_is_replaced(
     docker_client: docker.DockerClient,
 ) -> None:
-    with tempfile.TemporaryDirectory(prefix="stablenet-workers-") as tmp:
-        bench = Bench(Path(tmp), workers=2)
-        wrk: Wrk | None = None
-        with replicas(docker_client, bench.service):
-            try:
-                bench.first()
-                first = worker_pids(bench)
-                assert sorted(first) == [0, 1]
-                # One accept queue shared by both workers: fresh connections go to whichever
-                # takes them first, so both serve.
-                served = {0: 0.0, 1: 0.0}
-                deadline = time.monotonic() + 20
-                while not all(served.values()):
-                    assert time.monotonic() < deadline, f"not both workers served: {served}"
-                    for _ in range(20):
-                        assert fresh_request(bench).startswith(b"HTTP/1.1 200")
-                    text = bench_metrics(bench)
-                    served = {
-                        i: metric(text, "stablenet_proxy_worker_requests_total", worker=str(i))
-                        for i in served
-                    }
-                wrk = Wrk(bench.proxy_port, bench.host, CONNECTIONS)
-                until_metrics(
-                    bench,
-                    lambda text: (
-                        metric(text, "stablenet_proxy_requests_total") > sum(served.values()) + 500
-                    ),
-                )
-                os.kill(first[0], signal.SIGKILL)
-                assert bench.running is not None
-                bench.running.wait_line("proxy worker 0 (pid")  # seen exiting
-                bench.running.wait_line("proxy worker 0 started")
-                replaced = worker_pids(bench)
-                assert replaced[0] != first[0] and replaced[1] == first[1]
-                # wrk's kept-alive connections all reconnected to worker 1 meanwhile: fresh
-                # connections show that the new worker 0 accepts and serves.
-                deadline = time.monotonic() + 20
-                while (
-                    metric(
-                        bench_metrics(bench), "stablenet_proxy_worker_requests_total", worker="0"
-                    )
-                    == 0
-                ):
-                    assert time.monotonic() < deadline, "the new worker 0 served nothing"
-                    for _ in range(20):
-                        assert fresh_request(bench).startswith(b"HTTP/1.1 200")
-                load = wrk.stop()
-                assert load.requests > 500
-                assert load.failed <= CONNECTIONS, load  # only what worker 0 had in flight
+    with two_workers(docker_client) as running:
+        bench = running.bench
+        first = worker_pids(bench)
+        assert sorted(first) == [0, 1]
+        # One accept queue shared by both workers: fresh connections go to whichever
+        # takes them first, so both serve.
+        served = {0: 0.0, 1: 0.0}
+        deadline = time.monotonic() + 20
+        while not all(served.values()):
+            assert time.monotonic() < deadline, f"not both workers served: {served}"
+            for _ in range(20):
+                assert fresh_request(bench).startswith(b"HTTP/1.1 200")
+            text = bench_metrics(bench)
+            served = {
+                i: metric(text, "stablenet_proxy_worker_requests_total", worker=str(i))
+                for i in served
+            }
+        wrk = running.load()
+        until_metrics(
+            bench,
+            lambda text: (
+                metric(text, "stablenet_proxy_requests_total") > sum(served.values()) + 500
+            ),
+        )
+        os.kill(first[0], signal.SIGKILL)
+        assert bench.running is not None
+        bench.running.wait_line("proxy worker 0 (pid")  # seen exiting
+        bench.running.wait_line("proxy worker 0 started")
+        replaced = worker_pids(bench)
+        assert replaced[0] != first[0] and replaced[1] == first[1]
+        # wrk's kept-alive connections all reconnected to worker 1 meanwhile: fresh
+        # connections show that the new worker 0 accepts and serves.
+        deadline = time.monotonic() + 20
+        while (
+            metric(bench_metrics(bench), "stablenet_proxy_worker_requests_total", worker="0") == 0
+        ):
+            assert time.monotonic() < deadline, "the new worker 0 served nothing"
+            for _ in range(20):
+                assert fresh_request(bench).startswith(b"HTTP/1.1 200")
+        load = wrk.stop()
+        assert load.requests > 500
+        assert load.failed <= CONNECTIONS, load  # only what worker 0 had in flight
 
-                def all_counted(text: str) -> bool:
-                    return (
-                        metric(text, "stablenet_proxy_requests_total", service=bench.service)
-                        >= load.requests
-                    )
+        def all_counted(text: str) -> bool:
+            return (
+                metric(text, "stablenet_proxy_requests_total", service=bench.service)
+                >= load.requests
+            )
 
-                text = until_metrics(bench, all_counted)
-                summed = metric(text, "stablenet_proxy_requests_total", service=bench.service)
-                per_worker = metric(text, "stablenet_proxy_worker_requests_total")
-                # The sum keeps the killed worker's requests up to its last report.
-                assert summed >= per_worker > 0
-                assert metric(text, "stablenet_proxy_worker_restarts_total") == 1
-                assert metric(text, "stablenet_proxy_workers") == 2
-                ok = {"service": bench.service, "class": "2xx"}
-                responses = metric(text, "stablenet_proxy_responses_total", **ok)
-                assert responses >= load.requests - load.failed
-            finally:
-                if wrk is not None and wrk.proc.poll() is None:
-                    wrk.proc.kill()
-                    wrk.proc.wait()
-                bench.close()
-            log = (Path(tmp) / "stablenet.log").read_text()
-            assert "Traceback" not in log
-            for pid in worker_pids_in(log):
-                with pytest.raises(ProcessLookupError):
-                    os.kill(pid, 0)  # every worker exited with the main process
+        text = until_metrics(bench, all_counted)
+        summed = metric(text, "stablenet_proxy_requests_total", service=bench.service)
+        per_worker = metric(text, "stablenet_proxy_worker_requests_total")
+        # The sum keeps the killed worker's requests up to its last report.
+        assert summed >= per_worker > 0
+        assert metric(text, "stablenet_proxy_worker_restarts_total") == 1
+        assert metric(text, "stablenet_proxy_workers") == 2
+        ok = {"service": bench.service, "class": "2xx"}
+        responses = metric(text, "stablenet_proxy_responses_total", **ok)
+        assert responses >= load.requests - load.failed
 
 
 def fresh_request(bench: Bench) -> bytes:
@@ -188,6 +173,42 @@ def fresh_request(bench: Bench) -> bytes:
 
 def worker_pids_in(log: str) -> list[int]:
     return [int(m) for m in re.findall(r"proxy worker \d+ started: pid (\d+)", log)]
+
+
+class Running:
+    """A stablenet with two workers in front of two replicas, and wrk once started."""
+
+    def __init__(self, bench: Bench) -> None:
+        self.bench = bench
+        self.wrk: Wrk | None = None
+        self.log = ""
+
+    def load(self) -> Wrk:
+        self.wrk = Wrk(self.bench.proxy_port, self.bench.host, CONNECTIONS)
+        return self.wrk
+
+
+@contextlib.contextmanager
+def two_workers(docker_client: docker.DockerClient) -> Iterator[Running]:
+    """Started and routed; afterwards stopped, with no traceback logged and every worker gone
+    with its main process."""
+    with tempfile.TemporaryDirectory(prefix="stablenet-workers-") as tmp:
+        running = Running(Bench(Path(tmp), workers=2))
+        with replicas(docker_client, running.bench.service):
+            try:
+                running.bench.first()
+                yield running
+            finally:
+                wrk = running.wrk
+                if wrk is not None and wrk.proc.poll() is None:
+                    wrk.proc.kill()
+                    wrk.proc.wait()
+                running.bench.close()
+        running.log = (Path(tmp) / "stablenet.log").read_text()
+        assert "Traceback" not in running.log
+        for pid in worker_pids_in(running.log):
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)  # every worker exited with the main process
 
 
 def test_a_worker_session_needs_a_hello() -> None:
@@ -205,26 +226,11 @@ def test_a_worker_session_needs_a_hello() -> None:
 def test_takeovers_with_workers_fail_no_request(docker_client: docker.DockerClient) -> None:
     """The whole set restarts seamlessly: the successor's workers accept on the handed-over
     sockets before the old ones stop."""
-    with tempfile.TemporaryDirectory(prefix="stablenet-workers-") as tmp:
-        bench = Bench(Path(tmp), workers=2)
-        wrk: Wrk | None = None
-        with replicas(docker_client, bench.service):
-            try:
-                bench.first()
-                wrk = Wrk(bench.proxy_port, bench.host, CONNECTIONS)
-                for _ in range(3):
-                    bench.take_over()
-                load = wrk.stop()
-                assert load.requests > 500
-                assert load.failed == 0, load
-            finally:
-                if wrk is not None and wrk.proc.poll() is None:
-                    wrk.proc.kill()
-                    wrk.proc.wait()
-                bench.close()
-            log = (Path(tmp) / "stablenet.log").read_text()
-            assert log.count("took over from pid") == 3
-            assert "Traceback" not in log
-            for pid in worker_pids_in(log):
-                with pytest.raises(ProcessLookupError):
-                    os.kill(pid, 0)
+    with two_workers(docker_client) as running:
+        wrk = running.load()
+        for _ in range(3):
+            running.bench.take_over()
+        load = wrk.stop()
+        assert load.requests > 500
+        assert load.failed == 0, load
+    assert running.log.count("took over from pid") == 3
