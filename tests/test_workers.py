@@ -234,3 +234,32 @@ def test_takeovers_with_workers_fail_no_request(docker_client: docker.DockerClie
         assert load.requests > 500
         assert load.failed == 0, load
     assert running.log.count("took over from pid") == 3
+
+
+async def test_a_worker_reports_failures_and_holds_and_only_the_successes_that_count() -> None:
+    import asyncio
+
+    from stablenet.workers import Link, receive
+
+    ours, theirs = socket.socketpair()
+    reader, our_end = await asyncio.open_unix_connection(sock=ours)
+    _, writer = await asyncio.open_unix_connection(sock=theirs)
+    link = Link(writer)
+    ep = Endpoint(id="c1", name="web-1", service="web", address="10.0.0.2", port=80, network="b")
+    link.outcome(ep, True, "")  # nothing on record: the health checker would ignore it
+    link.outcome(ep, False, "connect refused")
+    link.hold("web")
+    link.outcome(ep, True, "")  # after a failure, a success counts
+    assert await receive(reader) == (
+        "outcomes",
+        [("c1", "10.0.0.2", False, "connect refused"), ("c1", "10.0.0.2", True, "")],
+    )
+    assert await receive(reader) == ("holds", ["web"])
+    link.suspects, link.failed = frozenset(), set()  # the main process's next update
+    link.outcome(ep, True, "")
+    link.outcome(ep, False, "reset")
+    assert await receive(reader) == ("outcomes", [("c1", "10.0.0.2", False, "reset")])
+    writer.close()
+    our_end.close()
+    await writer.wait_closed()
+    await our_end.wait_closed()
