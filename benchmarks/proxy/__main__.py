@@ -7,6 +7,10 @@ its process, from /proc). Traffic stays on 127.0.0.1.
 
     bash benchmarks/proxy/run.sh                # installs missing peers, then runs this
     .venv/bin/python -m benchmarks.proxy --duration 8 --repeat 3
+    .venv/bin/python -m benchmarks.proxy --targets stablenet,stablenet-w2,nginx,nginx-w2
+
+A target with ``-w2`` runs two processes (stablenet's proxy.workers, nginx's worker_processes)
+pinned to every CPU instead of CPU 0 alone.
 
 Prints a table and writes JSON to benchmarks/results/proxy.json.
 """
