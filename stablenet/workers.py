@@ -211,7 +211,6 @@ class Workers(Server):
             ", ".join(f"{host}:{port}" for host, port in proxy.bound),
         )
         self.spawn(self._feed(), name="workers-feed")
-        self.spawn(self._suspect_loop(), name="workers-suspects")
 
     async def stop(self) -> None:
         self._stopping = True
@@ -299,6 +298,7 @@ class Workers(Server):
         elif kind == "figures":
             worker.figures = message[1]
             self._merge()
+            self._share_suspects()
         elif kind == "ready":
             worker.ready.set()
 
@@ -350,13 +350,13 @@ class Workers(Server):
             self.proxy.refresh(snap)
             self._send_all(encode(snapshot_message(snap)))
 
-    async def _suspect_loop(self) -> None:
-        while True:
-            suspects = self.health.suspects()
-            if suspects != self._suspects:
-                self._suspects = suspects
-                self._send_all(encode(("suspects", suspects)))
-            await asyncio.sleep(REPORT_INTERVAL)
+    def _share_suspects(self) -> None:
+        """Tell the workers which endpoints have failures on record, when that changed: their
+        successes are then reported too (checked at each worker's report, not per request)."""
+        suspects = self.health.suspects()
+        if suspects != self._suspects:
+            self._suspects = suspects
+            self._send_all(encode(("suspects", suspects)))
 
     def set_vip_listeners(self, keys: set[DynamicKey]) -> None:
         """Per-service virtual-address listeners, opened by every worker."""
