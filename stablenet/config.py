@@ -238,6 +238,7 @@ class ProxyConfig:
     reuse_idle_non_idempotent: float = _opt(1.0, parse_duration)
     max_connections: int = _opt(0, _count_or_auto)  # 0: from the descriptor limit
     max_connections_per_source: int = _opt(0, _count_or_auto)  # 0: a quarter of the above
+    workers: int = _opt(1, _count_or_auto)  # proxy processes; 0: one per CPU (workers.py)
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,7 @@ from stablenet.errors import StartupError
 from stablenet.events import EventLog
 from stablenet.handover import Offer, Predecessor, notify_systemd, path_for, take_over
 from stablenet.health.checker import HealthChecker
+from stablenet.lifecycle import run_on_uvloop
 from stablenet.metrics import Collector, exposition
 from stablenet.model import State
 from stablenet.proxy import Proxy
@@ -42,6 +43,7 @@ from stablenet.sockets import Key, Sockets, from_systemd
 from stablenet.traffic import History, Sampler, read_figures
 from stablenet.units import parse_hostport
 from stablenet.vips import VipManager, remove_table
+from stablenet.workers import Workers, worker_count
 
 logger = logging.getLogger(__name__)
 NR_OPEN = "/proc/sys/fs/nr_open"  # the kernel's ceiling for an unlimited RLIMIT_NOFILE
@@ -145,6 +147,21 @@ class Daemon:
             else None
         )
         self._stable: dict[str, dict[str, tuple[str, ...]]] = {"proxy": {}, "vips": {}}
+        # proxy.workers > 1: worker processes serve the proxy's listeners; self.proxy then
+        # never listens and holds the sum of what they report (workers.py).
+        workers = worker_count(config.proxy.workers)
+        self.workers = (
+            Workers(self.proxy, self.registry, config, self.health, workers)
+            if self.proxy is not None and workers > 1
+            else None
+        )
+        on_listeners = (
+            self.workers.set_vip_listeners
+            if self.workers is not None
+            else self.proxy.set_vip_listeners
+            if self.proxy is not None
+            else None
+        )
         self.vips = (
             VipManager(
                 self.registry,
@@ -152,7 +169,7 @@ class Daemon:
                 config.controller.state_dir,
                 proxy=self.proxy is not None,
                 on_addresses=self._vip_addresses,
-                on_listeners=self.proxy.set_vip_listeners if self.proxy is not None else None,
+                on_listeners=on_listeners,
                 engine=lambda: asyncio.to_thread(network_subnets),
             )
             if config.vips.enabled
@@ -214,6 +231,8 @@ class Daemon:
             yield from self.vips.metrics()
         if self.cluster is not None:
             yield from self.cluster.metrics()
+        if self.workers is not None:
+            yield from self.workers.metrics()
 
     def _requests(self, service: str) -> int:
         """A service's proxied requests so far (the autoscaler's sign of life)."""
@@ -231,7 +250,9 @@ class Daemon:
         servers: list[contextlib.AbstractAsyncContextManager[Any]] = [self.admin]
         if self.dns is not None:
             servers.append(self.dns)
-        if self.proxy is not None:
+        if self.workers is not None:
+            servers.append(self.workers)
+        elif self.proxy is not None:
             servers.append(self.proxy)
         if self.vips is not None:
             servers.append(self.vips)
@@ -334,7 +355,7 @@ class Daemon:
                 servers = self.listeners()
                 for listener in servers[1:]:
                     await listeners.enter_async_context(listener)
-                if self.proxy is not None:
+                if self.proxy is not None and self.workers is None:
                     await self.proxy.sync_listeners()  # takes inherited label listeners
                 await admin.enter_async_context(servers[0])
             except StartupError:
@@ -449,10 +470,4 @@ async def serve(config: Config, handover_from: str | None = None) -> None:
 
 def run(config: Config, handover_from: str | None = None) -> None:
     """Run ``serve`` on uvloop when available, else on the default loop."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        asyncio.run(serve(config, handover_from))
-        return
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(config, handover_from))
+    run_on_uvloop(serve(config, handover_from))

@@ -21,6 +21,17 @@ SocketSource = Callable[[str, str, int], socket.socket | None]
 (sockets.Sockets.take: bound early, or inherited from the stablenet this one took over from)."""
 
 
+def run_on_uvloop(main: Coroutine[Any, Any, None]) -> None:
+    """Run a process's main coroutine on uvloop when available, else on the default loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
+
+
 def own_socket(kind: str, host: str, port: int) -> socket.socket | None:
     return None
 

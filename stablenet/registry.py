@@ -178,6 +178,15 @@ class Registry:
         woken.set()
         return self.snapshot
 
+    def publish(self, snap: Snapshot) -> None:
+        """Take a snapshot made elsewhere as the current one (a proxy worker follows its main
+        process's registry this way); an older or equal version is ignored."""
+        if snap.version <= self.snapshot.version:
+            return
+        self.snapshot = snap
+        woken, self._changed = self._changed, asyncio.Event()
+        woken.set()
+
     async def watch(self, since: int = 0) -> AsyncIterator[Snapshot]:
         """Yield the newest snapshot whenever its version is above the last one seen."""
         while True:

@@ -7,6 +7,10 @@ its process, from /proc). Traffic stays on 127.0.0.1.
 
     bash benchmarks/proxy/run.sh                # installs missing peers, then runs this
     .venv/bin/python -m benchmarks.proxy --duration 8 --repeat 3
+    .venv/bin/python -m benchmarks.proxy --targets stablenet,stablenet-w2,nginx,nginx-w2
+
+A target with ``-w2`` runs two processes (stablenet's proxy.workers, nginx's worker_processes)
+pinned to every CPU instead of CPU 0 alone.
 
 Prints a table and writes JSON to benchmarks/results/proxy.json.
 """
@@ -57,7 +61,7 @@ http {{
 """
 
 NGINX_PROXY_CONF = """
-worker_processes 1;
+worker_processes {workers};
 daemon off;
 pid {dir}/nginx-proxy.pid;
 error_log {dir}/nginx-proxy.err warn;
@@ -261,6 +265,13 @@ def run_target(target: str, backend: int, work: Path, args: argparse.Namespace) 
         return [measure("direct", backend, None, size, args) for size in SIZES]
     port = free_port()
     env: dict[str, str] = {}
+    # "-w2" on a target: two processes (stablenet's proxy.workers, nginx's worker_processes),
+    # pinned to both CPUs instead of CPU 0 alone.
+    name, _, suffix = target.partition("-w")
+    workers = int(suffix) if suffix.isdigit() else 1
+    cpus = PROXY_CPU if workers == 1 else ",".join(str(cpu) for cpu in range(os.cpu_count() or 1))
+    if workers > 1:
+        target = name
     if target in ("stablenet", "stablenet-nometrics", "stablenet-pure"):
         argv = [
             sys.executable, "-m", "benchmarks.proxy.serve_stablenet",
@@ -268,6 +279,7 @@ def run_target(target: str, backend: int, work: Path, args: argparse.Namespace) 
         ]  # fmt: skip
         if target == "stablenet-nometrics":
             argv.append("--no-metrics")
+        argv += ["--workers", str(workers)]
         if target == "stablenet-pure":
             env = {"STABLENET_PURE": "1"}  # the request path as Python, not compiled
     elif target == "floor":
@@ -277,7 +289,9 @@ def run_target(target: str, backend: int, work: Path, args: argparse.Namespace) 
         ]  # fmt: skip
     elif target == "nginx":
         conf = work / "nginx-proxy.conf"
-        conf.write_text(NGINX_PROXY_CONF.format(dir=work, port=port, backend=backend))
+        conf.write_text(
+            NGINX_PROXY_CONF.format(dir=work, port=port, backend=backend, workers=workers)
+        )
         argv = ["nginx", "-c", str(conf), "-p", str(work)]
     elif target == "haproxy":
         conf = work / "haproxy.cfg"
@@ -290,9 +304,10 @@ def run_target(target: str, backend: int, work: Path, args: argparse.Namespace) 
         env = {"GOMAXPROCS": "1", "HOME": str(work), "XDG_DATA_HOME": str(work)}
     else:
         raise SystemExit(f"unknown target {target!r}")
-    with process(argv, PROXY_CPU, work / f"{target}.log", env) as pid:
+    label = f"{target}-w{workers}" if workers > 1 else target
+    with process(argv, cpus, work / f"{label}.log", env) as pid:
         wait_port(port)
-        return [measure(target, port, pid, size, args) for size in SIZES]
+        return [measure(label, port, pid, size, args) for size in SIZES]
 
 
 def report(results: list[Run], args: argparse.Namespace) -> None:

@@ -189,6 +189,10 @@ class HealthChecker:
             if entry is not None and entry[1] is asyncio.current_task():
                 del self._tasks[target.id]
 
+    def suspects(self) -> frozenset[str]:
+        """Endpoints with failed requests on record: the ones whose successes count too."""
+        return frozenset(self._suspect)
+
     def outcome(self, endpoint: Endpoint, ok: bool, reason: str) -> None:
         """The proxy's OutcomeHook: ``report`` for an endpoint object, returning at once for a
         success on an endpoint with no failure on record (nearly every request)."""
