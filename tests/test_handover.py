@@ -8,8 +8,14 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import dns.exception
+import dns.message
+import dns.query
+import dns.rcode
 import docker
 import pytest
 
@@ -72,18 +78,64 @@ def test_twenty_takeovers_and_five_upgrades_fail_no_request(
                 bench.close()
 
 
+@dataclass
+class Resolver:
+    """A DNS client asking for one name over UDP in a loop, as a stub resolver does: each
+    question is sent up to 3 times (300 ms apart) before it counts as lost."""
+
+    port: int
+    name: str
+    answered: int = 0
+    lost: int = 0
+    wrong: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> Resolver:
+        self._thread = threading.Thread(target=self._run, name="dns-client", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            question = dns.message.make_query(self.name, "A")
+            for _ in range(3):
+                try:
+                    reply = dns.query.udp(question, "127.0.0.1", port=self.port, timeout=0.3)
+                except dns.exception.Timeout:
+                    continue
+                if reply.rcode() == dns.rcode.NOERROR and reply.answer:
+                    self.answered += 1
+                else:
+                    self.wrong.append(dns.rcode.to_text(reply.rcode()))
+                break
+            else:
+                self.lost += 1
+
+    def stop(self) -> Resolver:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        return self
+
+
 def test_sighup_starts_a_successor_that_takes_over(docker_client: docker.DockerClient) -> None:
+    """... and DNS answers every question a retrying client asks meanwhile."""
     with tempfile.TemporaryDirectory(prefix="stablenet-sighup-") as tmp:
         bench = Bench(Path(tmp))
         with replicas(docker_client, bench.service):
             try:
                 first = bench.first()
                 wrk = Wrk(bench.proxy_port, bench.host, CONNECTIONS)
+                resolver = Resolver(bench.dns_port, bench.host).start()
                 pids = {first.pid}
                 for _ in range(3):
                     bench.take_over(how="sighup")
                     pids.add(first.pid)  # the pid now serving, whose log comes through here
                 load = wrk.stop()
+                asked = resolver.stop()
+                assert asked.answered > 100
+                assert asked.lost == 0 and asked.wrong == [], asked
                 assert len(pids) == 4
                 assert first.proc.returncode == 0  # the first one exited once drained
                 assert load.requests > 100
