@@ -162,6 +162,16 @@ async def until(
         return await registry.until(predicate)
 
 
+async def eventually(check: Callable[[], bool], within: float) -> None:
+    """For state with no event to await (counters, another thread's results): look every
+    20 ms; the test fails after ``within`` s."""
+    async with asyncio.timeout(within):
+        while True:
+            if check():
+                return
+            await asyncio.sleep(0.02)
+
+
 async def asked_until(check: Callable[[], Awaitable[bool]], within: float) -> None:
     """For state in another process (a daemon's admin API), which has no event to await: ask
     again every 200 ms; the test fails after ``within`` s."""

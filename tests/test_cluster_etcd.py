@@ -20,6 +20,7 @@ from stablenet.config import ClusterConfig
 from stablenet.model import Endpoint, Remove, SetSynced, Upsert
 from stablenet.registry import SPREAD, Registry, Snapshot
 from tests.etcd_members import EtcdCluster, Relay, etcd_cluster
+from tests.helpers import eventually
 
 TTL = 2
 
@@ -70,15 +71,6 @@ async def node(name: str, urls: Sequence[str], prefix: str) -> AsyncIterator[Nod
 async def until(reg: Registry, check: Callable[[Snapshot], bool], within: float) -> Snapshot:
     async with asyncio.timeout(within):
         return await reg.until(check)
-
-
-async def eventually(check: Callable[[], bool], within: float) -> None:
-    """For state with no event to await (counters, another process): look every 20 ms."""
-    async with asyncio.timeout(within):
-        while True:
-            if check():
-                return
-            await asyncio.sleep(0.02)
 
 
 def prefix() -> str:

@@ -20,7 +20,7 @@ import pytest
 
 from stablenet.errors import StartupError
 from stablenet.vips import rules
-from tests.helpers import HTTPD, Containers, ip_of, off_loop, until
+from tests.helpers import HTTPD, Containers, eventually, ip_of, off_loop, until
 from tests.vips_support import (
     GRACEFUL_HTTPD,
     PY_MOUNTS,
@@ -195,13 +195,14 @@ async def test_rolling_replace_under_load_fails_no_request(
                     results.append(exc)
 
         load = [asyncio.get_running_loop().run_in_executor(None, worker) for _ in range(4)]
-        await asyncio.sleep(0.5)
+        await eventually(lambda: len(results) >= 20, 10)  # the load runs before the first
         for i, container in enumerate(old, 1):
             await off_loop(containers.run, f"new{i}", web_labels(web), command=GRACEFUL_HTTPD)
             await served(daemon, vip, "tcp", 80, 3)
             await off_loop(container.stop, timeout=10)
             await served(daemon, vip, "tcp", 80, 2)
-        await asyncio.sleep(0.5)
+        after = len(results)
+        await eventually(lambda: len(results) >= after + 20, 10)  # and on the new ones only
         done.set()
         await asyncio.gather(*load)
     failures = [r for r in results if isinstance(r, Exception)]
